@@ -1,0 +1,12 @@
+"""pof-fast: fast PoF (Post-training of Feature extractor, Sato et al., ICML 2022) for PyTorch.
+
+``import pof_fast`` loads only Python modules: Triton and the compiled extension load lazily,
+on the first call that needs them.
+"""
+from .dispatch import backends
+from .optim import PoF, PoFStats
+from .search import LineSearchResult, line_losses, line_search
+
+__version__ = "0.1.0"
+
+__all__ = ["PoF", "PoFStats", "LineSearchResult", "backends", "line_losses", "line_search", "__version__"]

@@ -1,0 +1,76 @@
+"""Independent float64 oracles for the tests, written without pof_fast's code.
+
+Loss values come from ``torch.nn.functional.cross_entropy`` one candidate at a time, derivatives
+from autograd through a scalar t, the head gradient from autograd through the head.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def line_loss(z0: Tensor, d: Tensor, y: Tensor, t: float, ignore_index: int = -100) -> float:
+    return F.cross_entropy(z0.double() - t * d.double(), y, ignore_index=ignore_index).item()
+
+
+def line_derivatives(z0: Tensor, d: Tensor, y: Tensor, t: float, ignore_index: int = -100):
+    """(l(t), l'(t), l''(t)) by double backward through a float64 scalar t."""
+    tt = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
+    loss = F.cross_entropy(z0.double() - tt * d.double(), y, ignore_index=ignore_index)
+    (first,) = torch.autograd.grad(loss, tt, create_graph=True)
+    (second,) = torch.autograd.grad(first, tt)
+    return loss.item(), first.item(), second.item()
+
+
+def head_gradient(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, ignore_index: int = -100):
+    """(z0, g_W, g_b or None, ||g||) in float64 by autograd."""
+    w64 = w.double().clone().requires_grad_(True)
+    b64 = b.double().clone().requires_grad_(True) if b is not None else None
+    z0 = F.linear(h.double(), w64, b64)
+    loss = F.cross_entropy(z0, y, ignore_index=ignore_index)
+    params = [w64] if b64 is None else [w64, b64]
+    grads = torch.autograd.grad(loss, params)
+    g_w = grads[0]
+    g_b = grads[1] if b64 is not None else None
+    norm = (g_w.square().sum() + (g_b.square().sum() if g_b is not None else 0.0)).sqrt()
+    return z0.detach(), g_w, g_b, norm.item()
+
+
+def direction(h: Tensor, g_w: Tensor, g_b: Optional[Tensor], scale: float) -> Tensor:
+    """d = h u_W^T + u_b in float64 with u = scale * g."""
+    d = h.double() @ (scale * g_w).t()
+    return d + scale * g_b if g_b is not None else d
+
+
+def script_search(z0: Tensor, d: Tensor, y: Tensor, init=1.0, cap=100.0, partitions=16, ignore_index=-100):
+    """The reference script's bracket-then-grid loop, float64, one candidate at a time."""
+    base = line_loss(z0, d, y, 0.0, ignore_index)
+    t = init
+    while True:
+        if line_loss(z0, d, y, t, ignore_index) > base:
+            break
+        t *= 2.0
+        if t >= cap:
+            break
+    grid = torch.linspace(0, t, partitions + 1, dtype=torch.float64)[1:].tolist()
+    losses = [line_loss(z0, d, y, s, ignore_index) for s in grid]
+    best = min(range(partitions), key=lambda k: losses[k])
+    return grid[best], losses
+
+
+def assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str = "") -> None:
+    """Like torch.testing.assert_close, reporting how many elements differ, the first few, and NaN/inf."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        pairs = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"non-finite in actual: {int((~torch.isfinite(actual)).sum())}; first (index, got, want): {pairs}"
+        )
