@@ -139,14 +139,15 @@ def line_search(
     plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index)
     grad, outcome = _run(backend, device, "line_search", features, weight, bias, target, plan)
     bias_direction = grad.grad_bias * grad.scale if grad.grad_bias is not None else None
+    has_direction = grad.grad_norm > 0  # g = 0: no direction, so no step whatever the method
     return LineSearchResult(
-        step=outcome.step,
+        step=torch.where(has_direction, outcome.step, torch.zeros_like(outcome.step)),
         weight_direction=grad.grad_weight * grad.scale,
         bias_direction=bias_direction,
         grad_norm=grad.grad_norm,
         loss0=outcome.loss0,
-        loss=outcome.loss,
-        capped=outcome.capped,
+        loss=torch.where(has_direction, outcome.loss, outcome.loss0),
+        capped=outcome.capped & has_direction,
         evaluations=outcome.evaluations,
         direction_norm=grad.grad_norm * grad.scale,
     )

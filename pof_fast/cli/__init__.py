@@ -1,0 +1,1 @@
+"""The ``pof-fast`` command line: ``pof-fast demo`` and ``pof-fast bench``."""

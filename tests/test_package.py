@@ -1,0 +1,72 @@
+"""Packaging contract: cheap import, lazy backends, backend reporting and fallbacks."""
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+import pof_fast
+from pof_fast import dispatch
+
+
+def test_import_is_cheap_and_lazy():
+    code = (
+        "import sys, time, torch; t = time.perf_counter(); import pof_fast; "
+        "print(time.perf_counter() - t); "
+        "print(any(m == 'triton' or m.startswith('triton.') for m in sys.modules)); "
+        "print('pof_fast._C' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) < 0.5, f"import pof_fast took {out[0]} s beyond torch"
+    assert out[1:] == ["False", "False"], "import pof_fast loaded triton or the extension"
+
+
+def test_backends_reports_every_backend():
+    report = pof_fast.backends()
+    assert set(report) == {"torch", "triton", "cpp", "cuda"}
+    assert report["torch"] is True
+    assert all(v is True or (isinstance(v, str) and v) for v in report.values())
+    if not torch.cuda.is_available():
+        assert report["cuda"] is not True
+
+
+class Broken(dispatch.Backend):
+    name = "broken"
+
+    def line_stats(self, *args):
+        raise RuntimeError("kernel launch failed")
+
+
+def test_auto_falls_back_with_one_warning_when_a_backend_fails_at_launch(monkeypatch):
+    monkeypatch.setitem(dispatch.REGISTRY, "broken", "tests:unused")
+    monkeypatch.setitem(dispatch._loaded, "broken", Broken())
+    monkeypatch.setitem(dispatch.PREFERENCE, "cpu", ("broken", "torch"))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    z, d, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    steps = torch.tensor([0.0, 1.0])
+    with pytest.warns(RuntimeWarning, match="'broken' failed at launch"):
+        got = pof_fast.line_losses(z, d, y, steps)
+    expected = pof_fast.line_losses(z, d, y, steps, backend="torch")
+    assert torch.equal(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pof_fast.line_losses(z, d, y, steps)  # no second warning
+    assert "failed at launch" in pof_fast.backends()["broken"]
+    with pytest.raises(ValueError, match="backend"):
+        pof_fast.line_losses(z, d, y, steps, backend="nonexistent")
+
+
+def test_explicit_unavailable_backend_warns_and_uses_torch(monkeypatch):
+    monkeypatch.setitem(dispatch._loaded, "cuda", "no GPU")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    z, d, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.warns(RuntimeWarning, match="'cuda' unavailable \\(no GPU\\)"):
+        got = pof_fast.line_losses(z, d, y, torch.tensor([1.0]), backend="cuda")
+    assert torch.isfinite(got).all()
+
+
+def test_cli_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "pof_fast", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "demo" in out and "bench" in out
