@@ -56,7 +56,7 @@ def _residual_kernel(
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < C
         z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zc,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -67,7 +67,7 @@ def _residual_kernel(
     lse = run_max + tl.log(run_sum)
     # 3. R = (softmax(z0) - onehot(y)) * w, written tile by tile.
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < C
         mask = row_ok[:, None] & col_ok[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zc,
@@ -101,7 +101,7 @@ def _norm_kernel(
         if FROM_RESIDUAL:
             gb = tl.zeros([BLOCK_C], tl.float32)
             for r0 in range(0, n, BLOCK_N):
-                rows = r0 + tl.arange(0, BLOCK_N)
+                rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
                 r = tl.load(r_ptr + rows[:, None] * stride_rn + cols[None, :] * stride_rc,
                             mask=(rows < n)[:, None] & col_ok[None, :], other=0.0)
                 gb += tl.sum(r, axis=0)
@@ -111,7 +111,7 @@ def _norm_kernel(
         sq += gb * gb
     # 2. ||g_W[cols, :]||^2 over D in chunks.
     for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+        ds = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         g = tl.load(gw_ptr + cols[:, None] * stride_wc + ds[None, :] * stride_wd,
                     mask=col_ok[:, None] & (ds < D)[None, :], other=0.0)
         sq += tl.sum(g * g, axis=1)

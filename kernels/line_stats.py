@@ -56,17 +56,20 @@ def candidate_tile(zs, dv, valid, t, run_max, run_sum, run_first, run_second):
 
 
 @triton.jit
-def row_finish(run_max, run_sum, run_first, run_second, counted):
-    """Per-(row, candidate) loss, slope, curvature summed over the counted rows: three [BK] vectors.
+def row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y):
+    """Loss, slope, curvature summed over the counted rows: three [BK] vectors.
 
-    With p = softmax(z(t)) and dv = d - d_y: l = logsumexp(z(t) - z_y(t)), l' = -E_p[dv],
-    l'' = Var_p[dv] (shift-invariant, so subtracting d_y loses no precision to cancellation).
+    With p = softmax(z(t)), zs = z0 - a, dv = d - c for row constants a, c (softmax is unchanged):
+    l = logsumexp(zs - t dv) - (zs_y - t dv_y), l' = dv_y - E_p[dv], l'' = Var_p[dv]. The shift by
+    the row's own target entries (zs_y = dv_y = 0 when a, c are read from the same memory as the
+    tiles) keeps the moments small, so the variance loses no precision to cancellation.
+    zs_y, dv_y: [BN] target entries of the shifted tiles.   t: [BK].
     """
     w = tl.where(counted, 1.0, 0.0)[:, None]
     mean = run_first / run_sum
-    loss = run_max + tl.log(run_sum)
+    loss = run_max + tl.log(run_sum) - (zs_y[:, None] - t[None, :] * dv_y[:, None])
     curvature = run_second / run_sum - mean * mean
-    return tl.sum(w * loss, axis=0), tl.sum(-w * mean, axis=0), tl.sum(w * curvature, axis=0)
+    return tl.sum(w * loss, axis=0), tl.sum(w * (dv_y[:, None] - mean), axis=0), tl.sum(w * curvature, axis=0)
 
 
 @triton.jit
@@ -110,7 +113,7 @@ def _line_stats_kernel(
     run_second = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     # 2. One read of every class tile of z0 and d, shared by all BLOCK_K candidates.
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < C
         mask = row_ok[:, None] & col_ok[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zc, mask=mask, other=0.0)
@@ -120,7 +123,8 @@ def _line_stats_kernel(
         run_max, run_sum, run_first, run_second = candidate_tile(
             zs, dv, col_ok, t, run_max, run_sum, run_first, run_second)
     # 3. Sum the counted rows of this program.
-    loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted)
+    zero = tl.zeros([BLOCK_N], tl.float32)
+    loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, t, zero, zero)
     k_ok = ks < K
     out = partial_ptr + pid_n * 3 * K + ks
     tl.store(out, loss, mask=k_ok)

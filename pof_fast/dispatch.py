@@ -19,7 +19,8 @@ from .drivers import SearchOutcome, SearchPlan
 from .reference import HeadGradient
 
 # Fastest first, per device type.
-PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# On the CPU, Triton is chosen only where the caller set TRITON_INTERPRET=1 (see its handles()).
+PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("triton", "cpp", "torch")}
 # name -> "module:Class", imported on first use so that ``import pof_fast`` stays cheap.
 REGISTRY = {
     "torch": "pof_fast.dispatch:TorchBackend",
@@ -66,8 +67,7 @@ class Backend:
         def stats(steps: Tensor) -> Tensor:
             return self.line_stats(logits, direction, target, steps, plan.ignore_index)
 
-        loss0 = stats(torch.zeros(1, device=logits.device))[reference.LOSS, 0]
-        return drivers.run(stats, plan, loss0)
+        return drivers.run(stats, plan, logits.device)
 
     def line_search(
         self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan

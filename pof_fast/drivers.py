@@ -8,7 +8,7 @@ a search costs a handful of launches, not one round trip per candidate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ class SearchPlan:
     newton_iterations x newton_points candidates are scored by ``method="newton"`` after the
     two end points: each iteration scores one safeguarded Newton point plus ``newton_points - 1``
     points spread evenly inside the current bracket, so the bracket shrinks at least
-    ``newton_points``-fold per iteration whatever Newton does.
+    ``newton_points``-fold per iteration whatever Newton does. ``logits_free``: None lets the
+    backend decide whether to store z0 and d (see :mod:`pof_fast.backend_triton`); True/False forces it.
     """
 
     method: str = "newton"
@@ -39,6 +40,7 @@ class SearchPlan:
     ignore_index: int = -100
     newton_iterations: int = 8
     newton_points: int = 8
+    logits_free: Optional[bool] = None
 
 
 class SearchOutcome(NamedTuple):
@@ -134,6 +136,7 @@ def newton(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
 DRIVERS = {"bracket_grid": bracket_grid, "grid": grid, "newton": newton}
 
 
-def run(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
-    """Run ``plan.method`` with the given scorer; ``loss0`` is l(0) as a 0-d tensor."""
+def run(stats: StatsFn, plan: SearchPlan, device: torch.device) -> SearchOutcome:
+    """Score l(0), then run ``plan.method`` with the given scorer."""
+    loss0 = stats(torch.zeros(1, device=device))[LOSS, 0]
     return DRIVERS[plan.method](stats, plan, loss0)

@@ -103,6 +103,7 @@ def line_search(
     ignore_index: int = -100,
     backend: str = "auto",
     validate: bool = True,
+    logits_free: Optional[bool] = None,
 ) -> LineSearchResult:
     """Find t* = argmin_{0 <= t <= max_step} L(theta0 - t u) on a search batch.
 
@@ -112,6 +113,9 @@ def line_search(
     script's doubling bracket then a ``partitions``-point grid), ``"grid"`` (``partitions`` points on
     (0, max_step]). direction: ``"normalized"`` u = g/||g|| (the paper) or ``"raw"`` u = g (the
     script). ``validate=False`` skips the data checks and their one host synchronisation.
+    ``logits_free``: None (default) lets the backend decide whether to store z0 and d ``[n, C]``
+    (the Triton backend stops storing them above n*C = 2**27); True/False forces it where the
+    backend has a logits-free path (Triton) and is ignored elsewhere.
     """
     check.tensor("features", features, 2)
     check.tensor("weight", weight, 2)
@@ -136,7 +140,10 @@ def line_search(
     if validate:
         check.data({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
                    allow_all_ignored=True)
-    plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index)
+    if logits_free is not None and not isinstance(logits_free, bool):
+        raise TypeError(f"logits_free must be None, True or False, got {logits_free!r}")
+    plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index,
+                      logits_free=logits_free)
     grad, outcome = _run(backend, device, "line_search", features, weight, bias, target, plan)
     bias_direction = grad.grad_bias * grad.scale if grad.grad_bias is not None else None
     has_direction = grad.grad_norm > 0  # g = 0: no direction, so no step whatever the method

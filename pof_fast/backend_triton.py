@@ -1,0 +1,185 @@
+"""The Triton backend: fused K-candidate line statistics, fused head gradient, logits-free large heads.
+
+Kernels live in the top-level ``kernels/`` folder, installed as ``pof_fast.kernels`` (``setup.py``
+``package_dir``). From a source checkout (``kernels/`` beside ``pof_fast/``, nothing installed),
+:func:`load_kernels` registers that folder as ``pof_fast.kernels`` on first use, so both layouts
+import the same way and ``import pof_fast`` itself never imports Triton.
+
+Runs on CUDA tensors; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``, which
+must be set before the kernels are first imported). float64 inputs go to the reference ops (the
+kernels accumulate in fp32).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dispatch, drivers, reference
+from .drivers import SearchOutcome, SearchPlan
+from .reference import HeadGradient
+
+__all__ = ["TritonBackend", "load_kernels", "interpreting", "LOGITS_FREE_ELEMENTS", "RESIDUAL_CHUNK_ELEMENTS"]
+
+# line_search switches to the logits-free path when n * C exceeds this: storing z0, d (fp32) and R
+# would then take >= 1.5 GiB. Chosen for memory, not measured speed (no GPU was available): below it,
+# cuBLAS products plus the stored-logits kernels do less arithmetic than recomputing tiles per call.
+LOGITS_FREE_ELEMENTS = 1 << 27
+# The logits-free gradient materialises z0 and R for at most this many elements at once (64 MiB of
+# fp32 R per chunk); untuned, chosen to bound memory while keeping each g_W += R^T h product large.
+RESIDUAL_CHUNK_ELEMENTS = 1 << 24
+
+_KERNEL_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def load_kernels() -> ModuleType:
+    """``pof_fast.kernels``: the installed subpackage, or the source tree's ``kernels/`` folder."""
+    name = "pof_fast.kernels"
+    if name in sys.modules:
+        return sys.modules[name]
+    if importlib.util.find_spec(name) is None:
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+        )
+        if spec is None or spec.loader is None:
+            raise ImportError(f"pof_fast.kernels is not installed and {folder} has no kernels")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        setattr(sys.modules["pof_fast"], "kernels", module)
+    for sub in ("line_stats", "head_residual", "logits_free"):
+        importlib.import_module(f"{name}.{sub}")
+    return sys.modules[name]
+
+
+class TritonBackend(dispatch.Backend):
+    """Triton kernels behind the :class:`pof_fast.dispatch.Backend` ops.
+
+    ``line_search`` stores z0 and d (``[n, C]``) unless n * C > :data:`LOGITS_FREE_ELEMENTS`, or
+    ``plan.logits_free=True`` forces it (``False`` forbids it); the logits-free path returns a
+    ``HeadGradient`` whose ``logits`` and ``residual`` are None.
+    """
+
+    name = "triton"
+
+    def status(self) -> Union[bool, str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton not installed"
+        if not torch.cuda.is_available() and not interpreting():
+            return "no GPU (set TRITON_INTERPRET=1 to run on the CPU)"
+        load_kernels()
+        return True
+
+    def handles(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+    def line_stats(
+        self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
+    ) -> Tensor:
+        if logits.dtype not in _KERNEL_TYPES or direction.dtype not in _KERNEL_TYPES:
+            return super().line_stats(logits, direction, target, steps, ignore_index)
+        return load_kernels().line_stats.line_stats(logits, direction, target, steps, ignore_index)
+
+    def head_gradient(
+        self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+        ignore_index: int, normalized: bool,
+    ) -> HeadGradient:
+        """z0 and g_W by cuBLAS; R, g_b, ||g|| and the scale by the fused kernels (no host sync)."""
+        if features.dtype not in _KERNEL_TYPES or weight.dtype != features.dtype:
+            return super().head_gradient(features, weight, bias, target, ignore_index, normalized)
+        k = load_kernels()
+        logits = F.linear(features, weight, bias)
+        count = reference.count_rows(target, ignore_index)
+        residual = k.head_residual.head_residual(logits, target, count, ignore_index)
+        grad_weight = residual.t() @ features.float()
+        grad_bias, grad_norm, scale = k.head_residual.gradient_norm(
+            residual, grad_weight, None, bias is not None, normalized
+        )
+        return HeadGradient(logits, residual, grad_weight, grad_bias, grad_norm, scale)
+
+    def direction_logits(self, features: Tensor, grad: HeadGradient) -> Tensor:
+        """``[n, C]`` fp32 d = (h u_W^T + u_b), the scale applied from device memory."""
+        return self._raw_direction(features, grad) * grad.scale
+
+    @staticmethod
+    def _raw_direction(features: Tensor, grad: HeadGradient) -> Tensor:
+        """``[n, C]`` fp32 h g_W^T + g_b, unscaled.
+
+        Gram form (SPEC section 4) when n < D C / (D + C): (h h^T) R + g_b costs n^2 (D + C)
+        multiply-adds against n D C for h g_W^T (g_W = R^T h is needed either way). Needs R.
+        """
+        h = features.to(grad.grad_weight.dtype)
+        n, dim = h.shape
+        classes = grad.grad_weight.shape[0]
+        if grad.residual is not None and n * (dim + classes) < dim * classes:
+            d = (h @ h.t()) @ grad.residual
+        else:
+            d = h @ grad.grad_weight.t()
+        return d + grad.grad_bias if grad.grad_bias is not None else d
+
+    def line_search(
+        self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
+    ) -> tuple[HeadGradient, SearchOutcome]:
+        """Gradient then the plan's driver; the direction scale is applied inside the kernels."""
+        if features.dtype not in _KERNEL_TYPES or weight.dtype != features.dtype:
+            return super().line_search(features, weight, bias, target, plan)
+        logits_free = plan.logits_free
+        if logits_free is None:
+            logits_free = features.shape[0] * weight.shape[0] > LOGITS_FREE_ELEMENTS
+        if logits_free:
+            return self._line_search_logits_free(features, weight, bias, target, plan)
+        grad = self.head_gradient(features, weight, bias, target, plan.ignore_index, plan.normalized)
+        direction = self._raw_direction(features, grad)
+        scorer = load_kernels().line_stats.line_stats
+
+        def stats(steps: Tensor) -> Tensor:
+            return scorer(grad.logits, direction, target, steps, plan.ignore_index, scale=grad.scale)
+
+        return grad, drivers.run(stats, plan, features.device)
+
+    def _line_search_logits_free(
+        self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
+    ) -> tuple[HeadGradient, SearchOutcome]:
+        """No ``[n, C]`` buffer: g_W from row chunks of R, then every candidate pass on recomputed tiles."""
+        k = load_kernels()
+        n, dim = features.shape
+        classes = weight.shape[0]
+        count = reference.count_rows(target, plan.ignore_index)
+        h = features.float()
+        grad_weight = torch.zeros(classes, dim, device=features.device, dtype=torch.float32)
+        grad_bias = torch.zeros(classes, device=features.device, dtype=torch.float32) if bias is not None else None
+        rows = max(1, RESIDUAL_CHUNK_ELEMENTS // classes)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            logits = F.linear(features[start:stop], weight, bias)
+            residual = k.head_residual.head_residual(logits, target[start:stop], count, plan.ignore_index)
+            grad_weight.addmm_(residual.t(), h[start:stop])
+            if grad_bias is not None:
+                grad_bias += residual.sum(0)
+        grad_bias, grad_norm, scale = k.head_residual.gradient_norm(
+            None, grad_weight, grad_bias, bias is not None, plan.normalized
+        )
+        grad = HeadGradient(None, None, grad_weight, grad_bias, grad_norm, scale)  # type: ignore[arg-type]
+        scorer = k.logits_free.line_stats_logits_free
+
+        def stats(steps: Tensor) -> Tensor:
+            return scorer(features, weight, bias, grad_weight, grad_bias, scale, target, steps, plan.ignore_index)
+
+        return grad, drivers.run(stats, plan, features.device)
+
