@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Compile and link the CUDA build of pof_fast._C (no GPU needed, nothing runs), so that a broken
+# csrc/cuda/*.cu file fails CI on machines without a GPU.
+#
+# A second venv gets the CUDA build of torch from the local package index (torch==2.14.1, ~5.5 GB,
+# installed from local disk); its nvidia/cu13/include provides the CUDA library headers (cusparse,
+# cublas, ...) and CUDA_HOME provides nvcc. The build happens in a scratch copy of the sources, so
+# the working tree and its in-place CPU build are left alone.
+#
+# Environment: CUDA_TORCH_VENV (default /tmp/pof-fast-cuda-venv; reused when it already has the
+# CUDA torch), CUDA_HOME (default /usr/local/cuda-13.0), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 2).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CUDA_TORCH_VENV:-/tmp/pof-fast-cuda-venv}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+export POF_FAST_BUILD_CUDA=1
+export PATH="$CUDA_HOME/bin:$PATH"
+start=$SECONDS
+
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet torch==2.14.1 ninja pybind11 setuptools wheel numpy
+fi
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+CU_INCLUDE="$SITE/nvidia/cu13/include"
+if [ -d "$CU_INCLUDE" ]; then
+  export CPATH="$CU_INCLUDE${CPATH:+:$CPATH}"
+fi
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/csrc" "$ROOT/pof_fast" "$ROOT/kernels" "$WORK/"
+[ -f "$ROOT/README.md" ] && cp "$ROOT/README.md" "$WORK/"
+find "$WORK/pof_fast" -name '*.so' -delete
+cd "$WORK"
+"$VENV/bin/python" setup.py build_ext --inplace
+SO="$(ls pof_fast/_C*.so)"
+# Linked: the module loads (every symbol resolves; no GPU is needed to load it) with CUDA kernels registered.
+"$VENV/bin/python" - <<'PY'
+import torch
+import pof_fast._C as ext
+assert ext.cuda, "pof_fast._C was built without its CUDA kernels"
+for op in ("line_stats", "head_gradient", "direction_logits", "search"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pof_fast::{op}", "CUDA"), f"no CUDA kernel for {op}"
+PY
+echo "ext-cuda-compile: OK ($SO, CUDA arch $TORCH_CUDA_ARCH_LIST, $((SECONDS - start)) s)"

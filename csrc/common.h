@@ -1,0 +1,66 @@
+// Shared by every translation unit of pof_fast._C: argument checks, the op declarations per device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+
+#define POF_CHECK_DIM(x, d, name) \
+  TORCH_CHECK_VALUE((x).dim() == (d), "pof_fast: ", name, " must have ", d, " dimension(s), got shape ", (x).sizes())
+#define POF_CHECK_FLOAT(x, name)                                                                     \
+  TORCH_CHECK_TYPE(at::isFloatingType((x).scalar_type()) && !at::isComplexType((x).scalar_type()),      \
+              "pof_fast: ", name, " must be a float32/float64/float16/bfloat16 tensor, got ", (x).scalar_type())
+#define POF_CHECK_SAME_DEVICE(x, y, xname, yname)                                                    \
+  TORCH_CHECK_VALUE((x).device() == (y).device(), "pof_fast: ", xname, " is on ", (x).device(), " but ", yname, \
+              " is on ", (y).device(), ": put them on one device")
+
+namespace pof_fast {
+
+// float64 stays float64; every other float dtype accumulates in float32 (as pof_fast.reference).
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks shared by the line_stats and search ops; returns target as contiguous int64.
+at::Tensor check_line_inputs(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target);
+
+// Ops, CPU implementations (csrc/*.cpp).
+at::Tensor line_stats_cpu(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
+                          const at::Tensor& steps, int64_t ignore_index);
+at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cpu(
+    const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
+    double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
+    int64_t newton_points);
+
+// Device-independent composites (csrc/head_residual.cpp): matrix products through ATen, the rest fused.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_gradient(
+    const at::Tensor& features, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t ignore_index, bool normalized);
+at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_weight,
+                            const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& residual);
+
+#ifdef POF_FAST_WITH_CUDA
+// CUDA ops and pieces (csrc/cuda/*.cu).
+at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
+                           const at::Tensor& steps, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
+    const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
+    double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
+    int64_t newton_points);
+at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index);
+// (g_b or undefined, ||g||, scale) from residual and g_W, all on the device, no host synchronisation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_finish_cuda(const at::Tensor& residual,
+                                                                const at::Tensor& grad_weight, bool with_bias,
+                                                                bool normalized);
+// d <- (d + g_b) * scale in place, scale read from device memory.
+void direction_epilogue_cuda(at::Tensor& d, const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale);
+#endif
+
+// Search methods, in the order of pof_fast.drivers.METHODS.
+enum Method : int { kNewton = 0, kBracketGrid = 1, kGrid = 2 };
+Method parse_method(c10::string_view method);
+
+}  // namespace pof_fast

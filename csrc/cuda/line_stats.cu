@@ -1,0 +1,307 @@
+// CUDA line statistics and the whole search in one launch (SPEC section 4).
+//
+// Scoring: one warp per row; every lane walks its classes once and keeps, for up to kRegs candidates
+// at a time in registers, an online log-sum-exp (running max m, s0 = sum e, s1 = sum e d, s2 = sum e d^2
+// with e = exp(z0 - t d - m)); lanes merge by shuffles in a fixed order. Blocks add their warps in warp
+// order and write one partial per block; the partials are added in block order (deterministic).
+//
+// Search: a cooperative launch of co-resident blocks runs the drivers of csrc/search_driver.h in every
+// thread; each scorer call is "partials, grid barrier, every block adds the partials in the same order",
+// so all threads take identical decisions and t*, l(0), l(t*), capped land in device memory.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+
+#include "../common.h"
+#include "../search_driver.h"
+#include "reduce.cuh"
+
+namespace pof_fast {
+namespace cuda {
+namespace {
+
+// Not tuned yet (no GPU was available when these were written): kRegs x 4 accumulators stay in
+// registers; 8 warps per block keep the per-block partials few for the n = 256 cases of SPEC section 5.
+constexpr int kRegs = 8;     // candidates held in registers per pass over a row
+constexpr int kWarps = 8;    // rows (warps) per block
+constexpr int kThreads = kWarps * kWarpSize;
+
+// Adds row (z, d, label y) for candidates st[0:kc] to acc (valid in lane 0).
+template <typename Z, typename T>
+__device__ __forceinline__ void warp_row(const Z* __restrict__ z, const T* __restrict__ d, int64_t C, int64_t y,
+                                         const T (&st)[kRegs], int kc, T (&acc)[3][kRegs]) {
+  const int lane = threadIdx.x % kWarpSize;
+  T m[kRegs], s0[kRegs], s1[kRegs], s2[kRegs];
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    m[j] = -INFINITY;
+    s0[j] = s1[j] = s2[j] = T(0);
+  }
+  // 1. online log-sum-exp per lane over classes lane, lane + 32, ...
+  for (int64_t c = lane; c < C; c += kWarpSize) {
+    const T zc = static_cast<T>(z[c]), dc = d[c];
+#pragma unroll
+    for (int j = 0; j < kRegs; ++j) {
+      if (j < kc) {
+        const T x = zc - st[j] * dc;
+        if (x > m[j]) {
+          const T r = fast_exp(m[j] - x);
+          s0[j] *= r;
+          s1[j] *= r;
+          s2[j] *= r;
+          m[j] = x;
+        }
+        const T e = fast_exp(x - m[j]), ed = e * dc;
+        s0[j] += e;
+        s1[j] += ed;
+        s2[j] += ed * dc;
+      }
+    }
+  }
+  // 2. merge lanes (fixed shuffle-down tree; lane 0 ends with the row)
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+      const T om = __shfl_down_sync(kFullMask, m[j], off);
+      const T o0 = __shfl_down_sync(kFullMask, s0[j], off);
+      const T o1 = __shfl_down_sync(kFullMask, s1[j], off);
+      const T o2 = __shfl_down_sync(kFullMask, s2[j], off);
+      const T nm = fmax(m[j], om);
+      const T a = m[j] == -INFINITY ? T(0) : fast_exp(m[j] - nm);
+      const T b = om == -INFINITY ? T(0) : fast_exp(om - nm);
+      s0[j] = s0[j] * a + o0 * b;
+      s1[j] = s1[j] * a + o1 * b;
+      s2[j] = s2[j] * a + o2 * b;
+      m[j] = nm;
+    }
+  }
+  // 3. loss = lse - z_y + t d_y, slope = d_y - E[d], curvature = Var[d]; a bad label gives NaN
+  if (lane == 0) {
+    const bool valid = y >= 0 && y < C;
+    const T zy = valid ? static_cast<T>(z[y]) : T(NAN), dy = valid ? d[y] : T(NAN);
+#pragma unroll
+    for (int j = 0; j < kRegs; ++j) {
+      if (j < kc) {
+        const T mean = s1[j] / s0[j];
+        acc[0][j] += m[j] + log(s0[j]) - zy + st[j] * dy;
+        acc[1][j] += dy - mean;
+        acc[2][j] += s2[j] / s0[j] - mean * mean;
+      }
+    }
+  }
+}
+
+// This block's rows (warp w takes rows block * kWarps + w, then strides by the grid) for steps[0:k],
+// k <= kChunk; writes partial[(block * 3 + r) * stride + j]. red: shared [kWarps][3][kRegs].
+template <typename Z, typename T>
+__device__ void block_partial(const Z* z, const T* d, const int64_t* y, int64_t n, int64_t C, int64_t ignore_index,
+                              const T* steps, int k, T* partial, int stride, T (*red)[3][kRegs]) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int k0 = 0; k0 < k; k0 += kRegs) {
+    const int kc = k - k0 < kRegs ? k - k0 : kRegs;
+    T st[kRegs], acc[3][kRegs];
+#pragma unroll
+    for (int j = 0; j < kRegs; ++j) {
+      st[j] = j < kc ? steps[k0 + j] : T(0);
+      acc[0][j] = acc[1][j] = acc[2][j] = T(0);
+    }
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < n;
+         row += static_cast<int64_t>(gridDim.x) * kWarps) {
+      const int64_t label = y[row];
+      if (label == ignore_index) continue;
+      warp_row(z + row * C, d + row * C, C, label, st, kc, acc);
+    }
+    if (lane == 0)
+      for (int r = 0; r < 3; ++r)
+        for (int j = 0; j < kRegs; ++j) red[warp][r][j] = acc[r][j];
+    __syncthreads();
+    if (threadIdx.x < 3 * kc) {
+      const int r = threadIdx.x / kc, j = threadIdx.x % kc;
+      T s = 0;
+      for (int w = 0; w < kWarps; ++w) s += red[w][r][j];
+      partial[(static_cast<int64_t>(blockIdx.x) * 3 + r) * stride + k0 + j] = s;
+    }
+    __syncthreads();
+  }
+}
+
+// Rows not ignored, counted by the whole block (every thread gets m).
+__device__ int64_t count_rows(const int64_t* y, int64_t n, int64_t ignore_index, int64_t* scratch) {
+  int64_t m = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m += y[i] != ignore_index;
+  return block_reduce<int64_t, false>(m, reinterpret_cast<int64_t*>(scratch));
+}
+
+template <typename Z, typename T>
+__global__ void __launch_bounds__(kThreads) line_stats_kernel(const Z* __restrict__ z, const T* __restrict__ d,
+                                                              const int64_t* __restrict__ y, int64_t n, int64_t C,
+                                                              int64_t ignore_index, const T* __restrict__ steps,
+                                                              int K, T* __restrict__ partial) {
+  __shared__ T red[kWarps][3][kRegs];
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    const int k = K - k0 < kChunk ? K - k0 : kChunk;
+    block_partial(z, d, y, n, C, ignore_index, steps + k0, k, partial + k0, K, red);
+  }
+}
+
+// out[r, j] = sum over blocks of partial[(b * 3 + r) * K + j] / max(m, 1), one block.
+template <typename T>
+__global__ void finalize_kernel(const T* __restrict__ partial, int blocks, int K, const int64_t* __restrict__ y,
+                                int64_t n, int64_t ignore_index, T* __restrict__ out) {
+  __shared__ int64_t scratch[kWarpSize];
+  const int64_t m = count_rows(y, n, ignore_index, scratch);
+  const T inv_m = T(1) / T(m > 1 ? m : 1);
+  for (int e = threadIdx.x; e < 3 * K; e += blockDim.x) {
+    const int r = e / K, j = e % K;
+    T s = 0;
+    for (int b = 0; b < blocks; ++b) s += partial[(static_cast<int64_t>(b) * 3 + r) * K + j];
+    out[e] = s * inv_m;
+  }
+}
+
+// The scorer the drivers call inside search_kernel: partials, grid barrier, identical sums in every block.
+template <typename Z, typename T>
+struct GridScorer {
+  const Z* z;
+  const T* d;
+  const int64_t* y;
+  int64_t n, C, ignore_index;
+  T* partial;  // [2][gridDim.x][3][kChunk], alternating so one barrier per call suffices
+  T inv_m;
+  int parity;
+  T (*red)[3][kRegs];
+  T (*sums)[kChunk];  // shared [3][kChunk]
+
+  __device__ void operator()(const T* steps, int k, T* loss, T* slope, T* curv) {
+    T* buf = partial + static_cast<int64_t>(parity) * gridDim.x * 3 * kChunk;
+    parity ^= 1;
+    block_partial(z, d, y, n, C, ignore_index, steps, k, buf, kChunk, red);
+    if (gridDim.x > 1) {
+      cooperative_groups::this_grid().sync();
+    }
+    if (threadIdx.x < 3 * k) {
+      const int r = threadIdx.x / k, j = threadIdx.x % k;
+      T s = 0;
+      for (unsigned b = 0; b < gridDim.x; ++b) s += __ldcg(buf + (static_cast<int64_t>(b) * 3 + r) * kChunk + j);
+      sums[r][j] = s * inv_m;
+    }
+    __syncthreads();
+    for (int j = 0; j < k; ++j) {
+      loss[j] = sums[0][j];
+      slope[j] = sums[1][j];
+      curv[j] = sums[2][j];
+    }
+    __syncthreads();
+  }
+};
+
+template <typename Z, typename T>
+__global__ void __launch_bounds__(kThreads) search_kernel(const Z* __restrict__ z, const T* __restrict__ d,
+                                                          const int64_t* __restrict__ y, int64_t n, int64_t C,
+                                                          int64_t ignore_index, Plan plan, T* __restrict__ partial,
+                                                          T* __restrict__ result, bool* __restrict__ capped) {
+  __shared__ T red[kWarps][3][kRegs];
+  __shared__ T sums[3][kChunk];
+  __shared__ int64_t scratch[kWarpSize];
+  const int64_t m = count_rows(y, n, ignore_index, scratch);
+  GridScorer<Z, T> score{z, d, y, n, C, ignore_index, partial, T(1) / T(m > 1 ? m : 1), 0, red, sums};
+  const Outcome<T> out = run_search<T>(score, plan);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    result[0] = out.step;
+    result[1] = out.loss0;
+    result[2] = out.loss;
+    *capped = out.capped;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
+                           const at::Tensor& steps, int64_t ignore_index) {
+  const at::Tensor y = check_line_inputs(logits, direction, target);
+  POF_CHECK_DIM(steps, 1, "steps");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::ScalarType acc = accumulation_type(logits.scalar_type());
+  const at::Tensor z = logits.contiguous(), d = direction.to(acc).contiguous();
+  const at::Tensor t = steps.to(logits.device(), acc).contiguous();
+  const int64_t n = z.size(0), C = z.size(1), K = t.size(0);
+  at::Tensor out = at::empty({3, K}, z.options().dtype(acc));
+  if (K == 0) return out;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + cuda::kWarps - 1) / cuda::kWarps, 4 * sms));
+  at::Tensor partial = at::empty({blocks, 3, K}, out.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.line_stats_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    cuda::line_stats_kernel<scalar_t, T><<<blocks, cuda::kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), d.data_ptr<T>(), y.data_ptr<int64_t>(), n, C, ignore_index, t.data_ptr<T>(),
+        static_cast<int>(K), partial.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::finalize_kernel<T><<<1, cuda::kThreads, 0, stream>>>(partial.data_ptr<T>(), blocks, static_cast<int>(K),
+                                                                y.data_ptr<int64_t>(), n, ignore_index,
+                                                                out.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
+    const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
+    double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
+    int64_t newton_points) {
+  const at::Tensor y = check_line_inputs(logits, direction, target);
+  TORCH_CHECK_VALUE(init_step > 0 && max_step > 0, "pof_fast: init_step and max_step must be positive, got ", init_step,
+              " and ", max_step);
+  TORCH_CHECK_VALUE(partitions > 0, "pof_fast: partitions must be positive, got ", partitions);
+  TORCH_CHECK_VALUE(newton_iterations >= 0, "pof_fast: newton_iterations must be >= 0, got ", newton_iterations);
+  TORCH_CHECK_VALUE(newton_points >= 1 && newton_points <= kChunk, "pof_fast: newton_points must be in [1, ", kChunk,
+              "], got ", newton_points);
+  const Plan plan{parse_method(method), init_step, max_step, static_cast<int>(partitions),
+                  static_cast<int>(newton_iterations), static_cast<int>(newton_points)};
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::ScalarType acc = accumulation_type(logits.scalar_type());
+  const at::Tensor z = logits.contiguous(), d = direction.to(acc).contiguous();
+  const int64_t n = z.size(0), C = z.size(1);
+  at::Tensor result = at::empty({3}, z.options().dtype(acc));
+  at::Tensor capped = at::empty({}, z.options().dtype(at::kBool));
+  const int device = logits.device().index();
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  int cooperative = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.search_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto kernel = cuda::search_kernel<scalar_t, T>;
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kThreads, 0));
+    // All blocks must be resident at once for the grid barrier; one block when that cannot be promised.
+    const int64_t wanted = (n + cuda::kWarps - 1) / cuda::kWarps;
+    const int blocks = cooperative && per_sm > 0
+                           ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * props->multiProcessorCount))
+                           : 1;
+    at::Tensor partial = at::empty({2, blocks, 3, kChunk}, result.options());
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const T* dp = d.data_ptr<T>();
+    const int64_t* yp = y.data_ptr<int64_t>();
+    T* pp = partial.data_ptr<T>();
+    T* rp = result.data_ptr<T>();
+    bool* cp = capped.data_ptr<bool>();
+    int64_t rows = n, classes = C, ignore = ignore_index;
+    Plan p = plan;
+    void* args[] = {&zp, &dp, &yp, &rows, &classes, &ignore, &p, &pp, &rp, &cp};
+    if (blocks > 1) {
+      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
+                                                 dim3(cuda::kThreads), args, 0, stream));
+    } else {
+      kernel<<<1, cuda::kThreads, 0, stream>>>(zp, dp, yp, rows, classes, ignore, p, pp, rp, cp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {result[0], result[1], result[2], capped};
+}
+
+}  // namespace pof_fast

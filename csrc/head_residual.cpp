@@ -1,0 +1,147 @@
+// Head gradient on the search batch (SPEC section 2, steps 2-4) and the direction logits.
+//
+//   z0  = h W0^T + b0                          (ATen linear, input dtype)
+//   R   = (softmax(z0) - onehot(y)) / max(m,1)  ignored rows zero          (fused row kernel)
+//   g_W = R^T h,  g_b = colsum(R),  ||g|| = sqrt(||g_W||^2 + ||g_b||^2)
+//   scale = 1/||g|| (normalized) or 1 (raw), 0 when g = 0
+//   d   = (h g_W^T + g_b) * scale,  or (h h^T) R when that product is cheaper (SPEC section 4)
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common.h"
+#include "cpu_kernels.h"
+
+namespace pof_fast {
+
+namespace {
+
+// One row: r = (exp(z - max) / sum - onehot(y)) * inv_m, or zeros for an ignored row.
+template <typename T>
+void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, const int64_t* y, int64_t n,
+                   int64_t C, int64_t ignore_index, T* out) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m += y[i] != ignore_index;
+  const T inv_m = T(1) / T(std::max<int64_t>(m, 1));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* r = out + i * C;
+      if (y[i] == ignore_index) {
+        std::fill(r, r + C, T(0));
+        continue;
+      }
+      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "pof_fast: target[", i, "] = ", y[i], " is outside [0, ", C,
+                  ") and is not ignore_index (", ignore_index, ")");
+      load(z + i * z_row_bytes, r, C, C, T(0));
+      T mx = r[0];
+      for (int64_t c = 1; c < C; ++c) mx = r[c] > mx ? r[c] : mx;
+      T sum = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        r[c] = std::exp(r[c] - mx);
+        sum += r[c];
+      }
+      const T f = inv_m / sum;
+      for (int64_t c = 0; c < C; ++c) r[c] *= f;
+      r[y[i]] -= inv_m;
+    }
+  });
+}
+
+at::Tensor head_residual(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+#ifdef POF_FAST_WITH_CUDA
+  if (logits.is_cuda()) return head_residual_cuda(logits, target, ignore_index);
+#endif
+  return head_residual_cpu(logits, target, ignore_index);
+}
+
+}  // namespace
+
+at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+  const at::Tensor z = logits.contiguous();
+  const at::Tensor y = target.to(at::kLong).contiguous();
+  const at::ScalarType acc = accumulation_type(z.scalar_type());
+  at::Tensor out = at::empty(z.sizes(), z.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "pof_fast.head_residual", [&] {
+    residual_rows<scalar_t>(static_cast<const char*>(z.data_ptr()), z.size(1) * z.element_size(),
+                            cpu::row_loader<scalar_t>(z.scalar_type()), y.data_ptr<int64_t>(), z.size(0),
+                            z.size(1), ignore_index, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_gradient(
+    const at::Tensor& features, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t ignore_index, bool normalized) {
+  POF_CHECK_DIM(features, 2, "features");
+  POF_CHECK_DIM(weight, 2, "weight");
+  POF_CHECK_FLOAT(features, "features");
+  POF_CHECK_FLOAT(weight, "weight");
+  TORCH_CHECK_VALUE(weight.size(1) == features.size(1), "pof_fast: weight must have shape [C, ", features.size(1),
+              "] to match features, got ", weight.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == features.size(0), "pof_fast: target must have shape [",
+              features.size(0), "], got ", target.sizes());
+  POF_CHECK_SAME_DEVICE(weight, features, "weight", "features");
+  POF_CHECK_SAME_DEVICE(target, features, "target", "features");
+  const bool with_bias = bias.has_value() && bias->defined();
+  if (with_bias) {
+    POF_CHECK_DIM(*bias, 1, "bias");
+    POF_CHECK_SAME_DEVICE(*bias, features, "bias", "features");
+    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "pof_fast: bias must have shape [", weight.size(0), "], got ",
+                bias->sizes());
+  }
+  // 1. z0 = h W0^T + b0, in the input dtype as the reference computes it.
+  const at::Tensor logits = at::linear(features, weight, with_bias ? *bias : at::Tensor());
+  // 2. R, fused: softmax, one-hot and 1/m in one pass per row.
+  const at::Tensor residual = head_residual(logits, target, ignore_index);
+  // 3. g_W = R^T h in the accumulation dtype.
+  const at::Tensor grad_weight = at::mm(residual.t(), features.to(residual.scalar_type()));
+  at::Tensor grad_bias, norm, scale;
+#ifdef POF_FAST_WITH_CUDA
+  if (features.is_cuda()) {
+    // 4. g_b, ||g|| and the scale on the device (csrc/cuda/head_residual.cu), no host synchronisation.
+    std::tie(grad_bias, norm, scale) = grad_finish_cuda(residual, grad_weight, with_bias, normalized);
+    if (!with_bias) grad_bias = at::empty({0}, residual.options());
+    return {logits, residual, grad_weight, grad_bias, norm, scale};
+  }
+#endif
+  at::Tensor sq = grad_weight.square().sum();
+  if (with_bias) {
+    grad_bias = residual.sum(0);
+    sq = sq + grad_bias.square().sum();
+  } else {
+    grad_bias = at::empty({0}, residual.options());
+  }
+  norm = sq.sqrt();
+  const at::Tensor positive = norm > 0;
+  scale = normalized ? at::where(positive, norm.reciprocal(), at::zeros_like(norm)) : positive.to(norm.scalar_type());
+  return {logits, residual, grad_weight, grad_bias, norm, scale};
+}
+
+at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_weight,
+                            const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& residual) {
+  POF_CHECK_DIM(features, 2, "features");
+  POF_CHECK_DIM(grad_weight, 2, "grad_weight");
+  TORCH_CHECK_VALUE(grad_weight.size(1) == features.size(1), "pof_fast: grad_weight must have shape [C, ",
+              features.size(1), "], got ", grad_weight.sizes());
+  POF_CHECK_SAME_DEVICE(grad_weight, features, "grad_weight", "features");
+  POF_CHECK_SAME_DEVICE(scale, features, "scale", "features");
+  const int64_t n = features.size(0), D = features.size(1), C = grad_weight.size(0);
+  const at::Tensor h = features.to(grad_weight.scalar_type());
+  const bool gram = residual.has_value() && residual->defined() && n * (D + C) < D * C;
+  // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
+  at::Tensor d = gram ? at::mm(at::mm(h, h.t()), residual->to(grad_weight.scalar_type())) : at::mm(h, grad_weight.t());
+  const bool with_bias = grad_bias.has_value() && grad_bias->defined() && grad_bias->numel() > 0;
+#ifdef POF_FAST_WITH_CUDA
+  if (d.is_cuda()) {
+    direction_epilogue_cuda(d, with_bias ? grad_bias : c10::nullopt, scale);
+    return d;
+  }
+#endif
+  if (with_bias) d.add_(*grad_bias);
+  return d.mul_(scale);
+}
+
+}  // namespace pof_fast

@@ -1,0 +1,87 @@
+"""Backends on the compiled extension ``pof_fast._C`` (csrc/): ``"cpp"`` (CPU) and ``"cuda"``.
+
+Each op is one native call: ``line_stats``, ``head_gradient`` (z0, fused residual, g_W, g_b,
+||g||, scale), ``direction_logits`` and ``search`` (the whole bracket_grid/grid/newton search,
+no Python per candidate). The extension is loaded through :mod:`pof_fast._ext` only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from .dispatch import Backend
+from .drivers import SearchOutcome, SearchPlan
+from .reference import HeadGradient
+
+__all__ = ["CppBackend", "CudaBackend"]
+
+
+class CppBackend(Backend):
+    """The compiled CPU kernels: at::parallel_for over row blocks, vectorised lanes, fp32 accumulation."""
+
+    name = "cpp"
+    device_type = "cpu"
+
+    def status(self) -> Union[bool, str]:
+        if not _ext.available():
+            return f"extension not built or failed to load ({_ext.reason()})"
+        return True
+
+    def handles(self, device: torch.device) -> bool:
+        return device.type == self.device_type
+
+    def line_stats(
+        self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
+    ) -> Tensor:
+        return _ext.ops().line_stats(logits, direction, target, steps, ignore_index)
+
+    def head_gradient(
+        self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+        ignore_index: int, normalized: bool,
+    ) -> HeadGradient:
+        logits, residual, grad_weight, grad_bias, grad_norm, scale = _ext.ops().head_gradient(
+            features, weight, bias, target, ignore_index, normalized
+        )
+        return HeadGradient(logits, residual, grad_weight, grad_bias if bias is not None else None, grad_norm, scale)
+
+    def direction_logits(self, features: Tensor, grad: HeadGradient) -> Tensor:
+        return _ext.ops().direction_logits(features, grad.grad_weight, grad.grad_bias, grad.scale, grad.residual)
+
+    def search(self, logits: Tensor, direction: Tensor, target: Tensor, plan: SearchPlan) -> SearchOutcome:
+        step, loss0, loss, capped = _ext.ops().search(
+            logits, direction, target, plan.method, plan.init_step, plan.max_step, plan.partitions,
+            plan.ignore_index, plan.newton_iterations, plan.newton_points,
+        )
+        return SearchOutcome(step, loss0, loss, capped, evaluations(plan))
+
+
+class CudaBackend(CppBackend):
+    """The compiled CUDA kernels: warp-per-row scoring and the whole search in one launch."""
+
+    name = "cuda"
+    device_type = "cuda"
+
+    def status(self) -> Union[bool, str]:
+        if not _ext.available():
+            return f"extension not built or failed to load ({_ext.reason()})"
+        if not _ext.cuda_compiled():
+            return "extension built without CUDA"
+        if not torch.cuda.is_available():
+            return "no GPU"
+        return True
+
+
+def evaluations(plan: SearchPlan) -> int:
+    """Candidates scored by ``plan``, counted as :mod:`pof_fast.drivers` counts them (t = 0 included)."""
+    if plan.method == "newton":
+        return 2 + plan.newton_iterations * plan.newton_points
+    if plan.method == "grid":
+        return 1 + plan.partitions
+    scored, step = 1, plan.init_step
+    while step * 2.0 < plan.max_step:
+        step *= 2.0
+        scored += 1
+    return 1 + scored + plan.partitions
