@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent H100/H200: build, GPU tests, search benchmark, step benchmark.
+# Run from the repository root:  OUT=/some/folder bash benchmarks/gpu_check.sh
+# Writes at most 8 files to $OUT: env.txt build.log tests.log bench_abc.txt bench_abc.json
+# speedup_cuda.png bench_d.txt bench_d.json (step results go to env.txt). Every stage has its own
+# timeout; a stage that fails or times out is recorded in env.txt and the next one still runs. The
+# Triton tests run while the extension compiles (they do not use it). STEP=0 skips the step benchmark.
+# Worst case about 7 minutes; on an H200 the whole script took about 6.
+set -u
+OUT=${OUT:?set OUT to the folder whose files come back}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+stage() {  # stage NAME SECONDS LOG CMD...: run CMD under timeout, append to LOG, note the status in env.txt
+  local name=$1 secs=$2 log=$3; shift 3
+  local start=$SECONDS
+  echo "=== $name" >> "$log"
+  timeout -k 5 "$secs" "$@" >> "$log" 2>&1
+  echo "stage $name: exit $? after $((SECONDS - start)) s (limit $secs s)" | tee -a "$OUT/env.txt"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  ${CXX:-c++} --version | head -1; nproc
+} > "$OUT/env.txt" 2>&1
+
+stage build 120 "$OUT/build.log" env POF_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+  $PY setup.py build_ext --inplace &
+build=$!
+stage tests_triton 110 "$OUT/tests.log" $PY -m pytest -q -rfE -p no:cacheprovider -n 8 -m triton tests
+wait $build
+$PY -c "import pof_fast; print('backends', pof_fast.backends()); import pof_fast._C;
+print('libstdc++ loaded:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l}))" >> "$OUT/env.txt" 2>&1
+
+stage tests_cuda 60 "$OUT/tests.log" $PY -m pytest -q -rfE -p no:cacheprovider -n 8 tests/test_cuda.py \
+  tests/test_cpp.py tests/test_line_search.py tests/test_optim.py tests/test_package.py
+
+stage bench_abc 110 "$OUT/bench_abc.txt" $PY benchmarks/run.py --device cuda --cases A,B,C \
+  --json "$OUT/bench_abc.json" --plot "$OUT/speedup_cuda.png"
+stage bench_d 110 "$OUT/bench_d.txt" $PY benchmarks/run.py --device cuda --cases D --json "$OUT/bench_d.json"
+
+if [ "${STEP:-1}" != 0 ]; then
+  stage step 60 "$OUT/env.txt" $PY benchmarks/step.py --device cuda --model wrn-28-10
+fi
+echo "total ${SECONDS} s" >> "$OUT/env.txt"

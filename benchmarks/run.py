@@ -1,0 +1,10 @@
+"""Search benchmark from the source tree: the same as ``pof-fast bench`` (see pof_fast/cli/bench.py)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pof_fast.cli.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main())

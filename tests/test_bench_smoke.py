@@ -1,0 +1,30 @@
+"""Smoke test of the search benchmark: ``--quick`` on case A must give a complete, consistent JSON."""
+import json
+
+import torch
+
+from pof_fast.cli import bench
+
+
+def test_quick_bench_json_has_every_backend_and_baseline(tmp_path):
+    path = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: on a busy 2-core runner, two OpenMP threads stall ~0.2 s per parallel call
+        assert bench.main(["--quick", "--threads", "1", "--cases", "A", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(path.read_text())
+    assert set(result["cases"]) == {"A"}
+    assert result["cases"]["A"]["failed"] == {}
+    rows = result["cases"]["A"]["rows"]
+    expected = {(name, "bracket_grid") for name in bench.BASELINES}
+    expected |= {(name, method) for name, status in bench.available_backends("cpu").items() if status is True
+                 for method, _ in bench.SEARCHES}
+    assert {(row["name"], row["method"]) for row in rows} == expected
+    for row in rows:
+        assert row["median_s"] > 0 and row["p20_s"] > 0, row
+        assert row["candidates"] > 0 and row["peak_bytes"] >= 0, row
+        assert row["agrees"], row
+        assert row.get("same_point", True), row
+    assert next(row for row in rows if row["name"] == "compile")["compile_s"] > 0
+    assert {t["baseline"] for t in result["targets"]} == {"script"}
