@@ -45,15 +45,14 @@ def _logits_free_kernel(
     h_ptr:     [n, D] features h (fp32/bf16/fp16), strides (stride_hn, stride_hd).
     w_ptr:     [C, D] W0, same dtype as h, strides (stride_wc, stride_wd).
     b_ptr:     [C] b0 contiguous (read when HAS_BIAS).
-    gw_ptr:    [C, D] fp32 g_W, strides (stride_gc, stride_gd).
+    gw_ptr:    [C, D] g_W: fp32 when DOT_FP32, else the dtype of h, strides (stride_gc, stride_gd).
     gb_ptr:    [C] fp32 g_b contiguous (read when HAS_BIAS).
     scale_ptr: [1] fp32 u = scale * g.
     y_ptr:     [n] int64 targets.   t_ptr: [K] fp32 steps.
     partial_ptr: [P, 3, K] fp32 output.   count_ptr: [P] fp32 output.
     Grid: (P = cdiv(n, BLOCK_N), cdiv(K, BLOCK_K)).
-    z0 tiles use tl.dot in the input dtype with fp32 accumulation, or, when DOT_FP32, on operands
-    upcast to fp32 with input_precision="ieee" (never tf32); d tiles use h in fp32 against the
-    fp32 g_W ("ieee").
+    z0 and d tiles use tl.dot in the input dtype with fp32 accumulation (tensor cores), or, when
+    DOT_FP32, on operands upcast to fp32 with input_precision="ieee" (never tf32).
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -76,7 +75,7 @@ def _logits_free_kernel(
         wy = tl.load(w_ptr + y_safe[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0)
         gy = tl.load(gw_ptr + y_safe[:, None] * stride_gc + ds[None, :] * stride_gd, mask=mask, other=0.0)
         z_y += tl.sum(h * wy.to(tl.float32), axis=1)
-        d_y += tl.sum(h * gy, axis=1)
+        d_y += tl.sum(h * gy.to(tl.float32), axis=1)
     if HAS_BIAS:
         z_y += tl.load(b_ptr + y_safe, mask=row_ok, other=0.0).to(tl.float32)
         d_y += tl.load(gb_ptr + y_safe, mask=row_ok, other=0.0)
@@ -103,9 +102,10 @@ def _logits_free_kernel(
                          mask=d_ok[:, None] & col_ok[None, :], other=0.0)
             if DOT_FP32:
                 z = tl.dot(h.to(tl.float32), wt.to(tl.float32), z, input_precision="ieee")
-            else:
+                g = tl.dot(h.to(tl.float32), gt.to(tl.float32), g, input_precision="ieee")
+            else:  # tensor cores: g_W comes in the input dtype
                 z = tl.dot(h, wt, z)
-            g = tl.dot(h.to(tl.float32), gt, g, input_precision="ieee")
+                g = tl.dot(h, gt, g)
         # 3. Bias terms, then shift by the target column: zs = z0 - z0_y, dv = scale (d - d_y).
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -142,8 +142,10 @@ def line_stats_logits_free(
     """``[3, K]`` fp32 l, l', l'' along z(t) = z0 - t d with z0 = h W0^T + b0, d = scale (h g_W^T + g_b).
 
     features ``[n, D]``, weight ``[C, D]`` (same float dtype), bias ``[C]`` or None, grad_weight
-    ``[C, D]`` fp32, grad_bias ``[C]`` fp32 (given iff bias is), scale 1-element fp32, target ``[n]``
-    int64, steps ``[K]``. No ``[n, C]`` buffer is allocated; two launches, no host synchronisation.
+    ``[C, D]`` fp32 or the features' dtype, grad_bias ``[C]`` fp32 (given iff bias is), scale 1-element
+    fp32, target ``[n]`` int64, steps ``[K]``. For 16-bit inputs d is formed on tensor cores from g_W
+    rounded to the input dtype (pass it rounded to avoid a cast per call). No ``[n, C]`` buffer is
+    allocated; two launches (three with that cast), no host synchronisation.
     """
     if features.dim() != 2 or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
         raise ValueError(f"features [n, D] and weight [C, D] expected, got {list(features.shape)}, {list(weight.shape)}")
@@ -151,8 +153,9 @@ def line_stats_logits_free(
         raise TypeError(f"features and weight must share a float32/bfloat16/float16 dtype, got {features.dtype}, {weight.dtype}")
     n, D = features.shape
     C = weight.shape[0]
-    if grad_weight.shape != (C, D) or grad_weight.dtype != torch.float32:
-        raise ValueError(f"grad_weight must be float32 [{C}, {D}], got {grad_weight.dtype} {list(grad_weight.shape)}")
+    if grad_weight.shape != (C, D) or grad_weight.dtype not in (torch.float32, features.dtype):
+        raise ValueError(f"grad_weight must be [{C}, {D}] in float32 or {features.dtype}, "
+                         f"got {grad_weight.dtype} {list(grad_weight.shape)}")
     if (bias is None) != (grad_bias is None):
         raise ValueError("grad_bias must be given exactly when bias is")
     if bias is not None and (bias.shape != (C,) or grad_bias.shape != (C,) or grad_bias.dtype != torch.float32):
@@ -165,6 +168,9 @@ def line_stats_logits_free(
         return torch.zeros(3, K, device=device, dtype=torch.float32)
     t = steps.to(device=device, dtype=torch.float32).contiguous()
     has_bias = bias is not None
+    dot_fp32 = _dot_in_fp32(features.dtype)
+    if not dot_fp32:
+        grad_weight = grad_weight.to(features.dtype)
     block_k = min(triton.next_power_of_2(K), LF_MAX_BLOCK_K)
     P = triton.cdiv(n, LF_BLOCK_N)
     partials = torch.empty(P, 3, K, device=device, dtype=torch.float32)
@@ -177,7 +183,7 @@ def line_stats_logits_free(
         features.stride(0), features.stride(1), weight.stride(0), weight.stride(1),
         grad_weight.stride(0), grad_weight.stride(1),
         ignore_index,
-        HAS_BIAS=has_bias, DOT_FP32=_dot_in_fp32(features.dtype),
+        HAS_BIAS=has_bias, DOT_FP32=dot_fp32,
         BLOCK_N=LF_BLOCK_N, BLOCK_K=block_k, BLOCK_C=LF_BLOCK_C, BLOCK_D=LF_BLOCK_D,
         num_warps=LF_NUM_WARPS,
     )

@@ -65,14 +65,19 @@ def bracket_steps(plan: SearchPlan) -> list[float]:
     return steps + [steps[-1] * 2.0]
 
 
-def _grid_pick(stats: StatsFn, end: Tensor, plan: SearchPlan, loss0: Tensor):
+def _at(values: Tensor, index: Tensor) -> Tensor:
+    """``values[..., index]`` for a 0-d device index, without the host sync of Python indexing."""
+    return values.index_select(-1, index.reshape(1)).squeeze(-1)
+
+
+def _grid_pick(stats: StatsFn, end: Tensor, plan: SearchPlan):
     """Score ``partitions`` points end*k/P, k = 1..P; return (t*, l(t*), argmin is last, slope there)."""
     p = plan.partitions
     fractions = torch.arange(1, p + 1, device=end.device, dtype=end.dtype) / p
     steps = end * fractions
     s = stats(steps)
     best = torch.argmin(s[LOSS])  # first minimum on ties
-    return steps[best], s[LOSS, best], best == p - 1, s[SLOPE, p - 1]
+    return _at(steps, best), _at(s[LOSS], best), best == p - 1, s[SLOPE, p - 1]
 
 
 def bracket_grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
@@ -81,8 +86,8 @@ def bracket_grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutco
     scored = torch.tensor(candidates[:-1], device=loss0.device, dtype=loss0.dtype)
     rose = stats(scored)[LOSS] > loss0
     first_rise = torch.argmax(rose.to(torch.int8))
-    end = torch.where(rose.any(), scored[first_rise], torch.full_like(loss0, candidates[-1]))
-    step, loss, last, slope = _grid_pick(stats, end, plan, loss0)
+    end = torch.where(rose.any(), _at(scored, first_rise), torch.full_like(loss0, candidates[-1]))
+    step, loss, last, slope = _grid_pick(stats, end, plan)
     capped = (~rose.any()) & last & (slope < 0)
     return SearchOutcome(step, loss0, loss, capped, 1 + len(scored) + plan.partitions)
 
@@ -90,7 +95,7 @@ def bracket_grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutco
 def grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
     """``partitions`` points linspace(0, max_step, partitions + 1)[1:], first argmin."""
     end = torch.full_like(loss0, plan.max_step)
-    step, loss, last, slope = _grid_pick(stats, end, plan, loss0)
+    step, loss, last, slope = _grid_pick(stats, end, plan)
     return SearchOutcome(step, loss0, loss, last & (slope < 0), 1 + plan.partitions)
 
 
@@ -121,11 +126,12 @@ def newton(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
         lo = torch.maximum(lo, torch.where(falling, steps, lo).max())
         hi = torch.minimum(hi, torch.where(falling, hi, steps).min())
         i = torch.argmin(slope.abs())
-        better = slope[i].abs() < best_slope.abs()
-        best_t = torch.where(better, steps[i], best_t)
-        best_loss = torch.where(better, s[LOSS, i], best_loss)
-        best_slope = torch.where(better, slope[i], best_slope)
-        best_curv = torch.where(better, s[CURVATURE, i], best_curv)
+        picked = _at(s, i)  # [3]: loss, slope, curvature at the smallest |l'|
+        better = picked[SLOPE].abs() < best_slope.abs()
+        best_t = torch.where(better, _at(steps, i), best_t)
+        best_loss = torch.where(better, picked[LOSS], best_loss)
+        best_slope = torch.where(better, picked[SLOPE], best_slope)
+        best_curv = torch.where(better, picked[CURVATURE], best_curv)
     descent = slope0 < 0
     step = torch.where(capped, ends[1], torch.where(descent, best_t, ends[0]))
     loss = torch.where(capped, loss_max, torch.where(descent, best_loss, loss0))

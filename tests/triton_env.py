@@ -59,10 +59,21 @@ def triton_kernels():
 
 @pytest.fixture(scope="module")
 def triton_backend(triton_kernels):
-    """A :class:`TritonBackend` that reports itself usable on :data:`DEVICE`."""
+    """A :class:`TritonBackend` usable on :data:`DEVICE`, also the one ``backend="triton"`` resolves to.
+
+    Dispatch caches each backend's status on first use, possibly from a module that ran without the
+    interpreter; this module's backend replaces that entry while it runs.
+    """
+    from pof_fast import dispatch
     from pof_fast.backend_triton import TritonBackend
 
     backend = TritonBackend()
     assert backend.status() is True
     assert backend.handles(DEVICE)
-    return backend
+    saved = dispatch._loaded.get("triton")
+    dispatch._loaded["triton"] = backend
+    yield backend
+    if saved is None:
+        dispatch._loaded.pop("triton", None)
+    else:
+        dispatch._loaded["triton"] = saved
