@@ -35,6 +35,17 @@ wait $build
 $PY -c "import pof_fast; print('backends', pof_fast.backends()); import pof_fast._C;
 print('libstdc++ loaded:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l}))" >> "$OUT/env.txt" 2>&1
 
+# Diagnosis of a crash seen on the H200 (README, Known problems): does any C++ exception crash here, or only ours?
+for probe in "torch.zeros(2) + torch.zeros(3)" \
+    "import pof_fast._C; torch.ops.pof_fast.line_stats(torch.zeros(4, 6), torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), torch.zeros(1), -100)"; do
+  $PY -c "import torch
+try:
+    $probe
+except Exception as e:
+    print(type(e).__name__)" > /dev/null 2>&1
+  echo "C++ exception probe exit $? (0: raised cleanly, 139: segfault): $probe" >> "$OUT/env.txt"
+done
+
 stage tests_cuda 60 "$OUT/tests.log" $PY -m pytest -q -rfE -p no:cacheprovider -n 8 tests/test_cuda.py \
   tests/test_cpp.py tests/test_line_search.py tests/test_optim.py tests/test_package.py
 

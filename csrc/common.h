@@ -6,6 +6,8 @@
 #include <string>
 #include <tuple>
 
+#include "search_driver.h"
+
 #define POF_CHECK_DIM(x, d, name) \
   TORCH_CHECK_VALUE((x).dim() == (d), "pof_fast: ", name, " must have ", d, " dimension(s), got shape ", (x).sizes())
 #define POF_CHECK_FLOAT(x, name)                                                                     \
@@ -62,5 +64,8 @@ void direction_epilogue_cuda(at::Tensor& d, const c10::optional<at::Tensor>& gra
 // Search methods, in the order of pof_fast.drivers.METHODS.
 enum Method : int { kNewton = 0, kBracketGrid = 1, kGrid = 2 };
 Method parse_method(c10::string_view method);
+// The search op's arguments checked (ValueError naming the bad one) and packed (csrc/search.cpp).
+Plan make_plan(c10::string_view method, double init_step, double max_step, int64_t partitions,
+               int64_t newton_iterations, int64_t newton_points);
 
 }  // namespace pof_fast

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["line_stats", "candidate_tile", "row_finish"]
+__all__ = ["line_stats", "candidate_tile", "row_block", "row_finish", "store_partials"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,6 +73,36 @@ def row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y):
 
 
 @triton.jit
+def row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's rows and candidates (grid (row blocks, candidate blocks)).
+
+    Returns rows [BN] int64, row_ok [BN], ks [BK] int64, t [BK] fp32 steps, counted [BN] (row exists
+    and its label is not ignore_index) and y_safe [BN] (the label, class 0 where not counted).
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    t = tl.load(t_ptr + ks, mask=ks < K, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+    counted = (y != ignore_index) & row_ok
+    return rows, row_ok, ks, t, counted, tl.where(counted, y, 0)
+
+
+@triton.jit
+def store_partials(partial_ptr, count_ptr, ks, K, loss, slope, curvature, counted):
+    """Write this row block's sums into partial[P, 3, K] and its counted rows into count[P]."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    k_ok = ks < K
+    out = partial_ptr + pid_n * 3 * K + ks
+    tl.store(out, loss, mask=k_ok)
+    tl.store(out + K, slope, mask=k_ok)
+    tl.store(out + 2 * K, curvature, mask=k_ok)
+    tl.store(count_ptr + pid_n, tl.sum(tl.where(counted, 1.0, 0.0), axis=0))
+
+
+@triton.jit
 def _line_stats_kernel(
     z_ptr, d_ptr, y_ptr, t_ptr, scale_ptr, partial_ptr, count_ptr,
     n, C, K,
@@ -92,16 +122,8 @@ def _line_stats_kernel(
     count_ptr:   [P] fp32 output: counted rows of each row program.
     Grid: (P, cdiv(K, BLOCK_K)).
     """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    t = tl.load(t_ptr + ks, mask=ks < K, other=0.0)
-    # 1. Targets, and z0_y, d_y gathered once per row (rows that do not count use class 0).
-    y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
-    counted = (y != ignore_index) & row_ok
-    y_safe = tl.where(counted, y, 0)
+    # 1. Rows, candidates, targets; z0_y and d_y gathered once per row (rows that do not count use class 0).
+    rows, row_ok, ks, t, counted, y_safe = row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N, BLOCK_K)
     z_y = tl.load(z_ptr + rows * stride_zn + y_safe * stride_zc, mask=row_ok, other=0.0).to(tl.float32)
     d_y = tl.load(d_ptr + rows * stride_dn + y_safe * stride_dc, mask=row_ok, other=0.0).to(tl.float32)
     scale = 1.0
@@ -125,12 +147,7 @@ def _line_stats_kernel(
     # 3. Sum the counted rows of this program.
     zero = tl.zeros([BLOCK_N], tl.float32)
     loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, t, zero, zero)
-    k_ok = ks < K
-    out = partial_ptr + pid_n * 3 * K + ks
-    tl.store(out, loss, mask=k_ok)
-    tl.store(out + K, slope, mask=k_ok)
-    tl.store(out + 2 * K, curvature, mask=k_ok)
-    tl.store(count_ptr + pid_n, tl.sum(tl.where(counted, 1.0, 0.0), axis=0))
+    store_partials(partial_ptr, count_ptr, ks, K, loss, slope, curvature, counted)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .line_stats import FLOAT_DTYPES, candidate_tile, reduce_partials, row_finish
+from .line_stats import FLOAT_DTYPES, candidate_tile, reduce_partials, row_block, row_finish, store_partials
 
 __all__ = ["line_stats_logits_free"]
 
@@ -54,15 +54,7 @@ def _logits_free_kernel(
     z0 and d tiles use tl.dot in the input dtype with fp32 accumulation (tensor cores), or, when
     DOT_FP32, on operands upcast to fp32 with input_precision="ieee" (never tf32).
     """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    t = tl.load(t_ptr + ks, mask=ks < K, other=0.0)
-    y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
-    counted = (y != ignore_index) & row_ok
-    y_safe = tl.where(counted, y, 0)
+    rows, row_ok, ks, t, counted, y_safe = row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N, BLOCK_K)
     scale = tl.load(scale_ptr)
     # 1. Row shifts: z0_y = h_i . W0[y_i] + b0[y_i] and d_y (unscaled) by a gathered dot over D. They
     #    differ from the tl.dot tiles' target entries by rounding, so those entries are tracked too.
@@ -120,12 +112,7 @@ def _logits_free_kernel(
             zs, dv, col_ok, t, run_max, run_sum, run_first, run_second)
     # 5. Per-row l, l', l'' measured against the tiles' own target entries, summed over counted rows.
     loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y)
-    k_ok = ks < K
-    out = partial_ptr + pid_n * 3 * K + ks
-    tl.store(out, loss, mask=k_ok)
-    tl.store(out + K, slope, mask=k_ok)
-    tl.store(out + 2 * K, curvature, mask=k_ok)
-    tl.store(count_ptr + pid_n, tl.sum(tl.where(counted, 1.0, 0.0), axis=0))
+    store_partials(partial_ptr, count_ptr, ks, K, loss, slope, curvature, counted)
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:

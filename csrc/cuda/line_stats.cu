@@ -23,7 +23,7 @@ namespace pof_fast {
 namespace cuda {
 namespace {
 
-// Not tuned yet (no GPU was available when these were written): kRegs x 4 accumulators stay in
+// Not tuned (measured on an H200, see BENCHMARKS.md, but never swept): kRegs x 4 accumulators stay in
 // registers; 8 warps per block keep the per-block partials few for the n = 256 cases of SPEC section 5.
 constexpr int kRegs = 8;     // candidates held in registers per pass over a row
 constexpr int kWarps = 8;    // rows (warps) per block
@@ -254,14 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
     double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
     int64_t newton_points) {
   const at::Tensor y = check_line_inputs(logits, direction, target);
-  TORCH_CHECK_VALUE(init_step > 0 && max_step > 0, "pof_fast: init_step and max_step must be positive, got ", init_step,
-              " and ", max_step);
-  TORCH_CHECK_VALUE(partitions > 0, "pof_fast: partitions must be positive, got ", partitions);
-  TORCH_CHECK_VALUE(newton_iterations >= 0, "pof_fast: newton_iterations must be >= 0, got ", newton_iterations);
-  TORCH_CHECK_VALUE(newton_points >= 1 && newton_points <= kChunk, "pof_fast: newton_points must be in [1, ", kChunk,
-              "], got ", newton_points);
-  const Plan plan{parse_method(method), init_step, max_step, static_cast<int>(partitions),
-                  static_cast<int>(newton_iterations), static_cast<int>(newton_points)};
+  const Plan plan = make_plan(method, init_step, max_step, partitions, newton_iterations, newton_points);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
   const at::Tensor z = logits.contiguous(), d = direction.to(acc).contiguous();
