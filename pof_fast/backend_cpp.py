@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _ext
 from .dispatch import Backend
-from .drivers import SearchOutcome, SearchPlan
+from .drivers import SearchOutcome, SearchPlan, evaluations
 from .reference import HeadGradient
 
 __all__ = ["CppBackend", "CudaBackend"]
@@ -65,23 +65,12 @@ class CudaBackend(CppBackend):
     device_type = "cuda"
 
     def status(self) -> Union[bool, str]:
-        if not _ext.available():
-            return f"extension not built or failed to load ({_ext.reason()})"
+        built = super().status()
+        if built is not True:
+            return built
         if not _ext.cuda_compiled():
             return "extension built without CUDA"
         if not torch.cuda.is_available():
             return "no GPU"
         return True
 
-
-def evaluations(plan: SearchPlan) -> int:
-    """Candidates scored by ``plan``, counted as :mod:`pof_fast.drivers` counts them (t = 0 included)."""
-    if plan.method == "newton":
-        return 2 + plan.newton_iterations * plan.newton_points
-    if plan.method == "grid":
-        return 1 + plan.partitions
-    scored, step = 1, plan.init_step
-    while step * 2.0 < plan.max_step:
-        step *= 2.0
-        scored += 1
-    return 1 + scored + plan.partitions

@@ -65,6 +65,15 @@ def bracket_steps(plan: SearchPlan) -> list[float]:
     return steps + [steps[-1] * 2.0]
 
 
+def evaluations(plan: SearchPlan) -> int:
+    """Candidate steps ``plan.method`` scores, l(0) included (the same for every backend)."""
+    if plan.method == "newton":
+        return 2 + plan.newton_iterations * plan.newton_points
+    if plan.method == "grid":
+        return 1 + plan.partitions
+    return len(bracket_steps(plan)) + plan.partitions  # l(0), the bracket but its kept end (never scored), the grid
+
+
 def _at(values: Tensor, index: Tensor) -> Tensor:
     """``values[..., index]`` for a 0-d device index, without the host sync of Python indexing."""
     return values.index_select(-1, index.reshape(1)).squeeze(-1)
@@ -89,14 +98,14 @@ def bracket_grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutco
     end = torch.where(rose.any(), _at(scored, first_rise), torch.full_like(loss0, candidates[-1]))
     step, loss, last, slope = _grid_pick(stats, end, plan)
     capped = (~rose.any()) & last & (slope < 0)
-    return SearchOutcome(step, loss0, loss, capped, 1 + len(scored) + plan.partitions)
+    return SearchOutcome(step, loss0, loss, capped, evaluations(plan))
 
 
 def grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
     """``partitions`` points linspace(0, max_step, partitions + 1)[1:], first argmin."""
     end = torch.full_like(loss0, plan.max_step)
     step, loss, last, slope = _grid_pick(stats, end, plan)
-    return SearchOutcome(step, loss0, loss, last & (slope < 0), 1 + plan.partitions)
+    return SearchOutcome(step, loss0, loss, last & (slope < 0), evaluations(plan))
 
 
 def newton(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
@@ -135,8 +144,7 @@ def newton(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
     descent = slope0 < 0
     step = torch.where(capped, ends[1], torch.where(descent, best_t, ends[0]))
     loss = torch.where(capped, loss_max, torch.where(descent, best_loss, loss0))
-    evaluations = 2 + plan.newton_iterations * k
-    return SearchOutcome(step, loss0, loss, capped, evaluations)
+    return SearchOutcome(step, loss0, loss, capped, evaluations(plan))
 
 
 DRIVERS = {"bracket_grid": bracket_grid, "grid": grid, "newton": newton}
