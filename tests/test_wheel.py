@@ -45,8 +45,9 @@ def test_wheel_installs_and_imports_the_extension(tmp_path):
     run(sys.executable, "-m", "venv", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"
     site = Path(run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
-    (site / "host_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Install first: with the host's site-packages visible, pip would find pof_fast there "already satisfied".
     run(str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel), cwd=tmp_path)
+    (site / "host_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     check = (
         "import pof_fast, pof_fast._C, torch; from pof_fast import _ext; "
         "assert pof_fast.__file__.startswith(%r), pof_fast.__file__; "
