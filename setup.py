@@ -66,23 +66,17 @@ def extensions():
 
     cuda = _want_cuda(torch, cpp_extension)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
+    flags = {"cxx": ["-O3", "-ffp-contract=off", "-Wno-psabi"]}
     macros = []
     if cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         macros.append(("POF_FAST_WITH_CUDA", None))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-        ext = cpp_extension.CUDAExtension(
-            "pof_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "pof_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
-            extra_compile_args={"cxx": cxx},
-        )
+        flags["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    ext = make("pof_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
+               extra_compile_args=flags)
     _say(f"building pof_fast._C ({'CPU + CUDA' if cuda else 'CPU only'})")
     build = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build}

@@ -175,13 +175,10 @@ class TritonBackend(dispatch.Backend):
         grad_bias, grad_norm, scale = k.head_residual.gradient_norm(
             None, grad_weight, grad_bias, bias is not None, plan.normalized
         )
-        if features.dtype != torch.float32:
-            # d is formed on tensor cores from g_W in the input dtype: that rounded g_W is the
-            # direction searched along, so it is the one returned (||g|| stays the fp32 one).
-            rounded = grad_weight.to(features.dtype)
-            grad_weight = rounded.float()
-        else:
-            rounded = grad_weight
+        # 16-bit inputs: d is formed on tensor cores from g_W in the input dtype, so that rounded g_W is
+        # the direction searched along and the one returned (||g|| stays the fp32 one). fp32: no-ops.
+        rounded = grad_weight.to(features.dtype)
+        grad_weight = rounded.float()
         grad = HeadGradient(None, None, grad_weight, grad_bias, grad_norm, scale)  # type: ignore[arg-type]
         scorer = k.logits_free.line_stats_logits_free
 

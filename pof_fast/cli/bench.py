@@ -237,25 +237,28 @@ def baselines(problem: Problem, device: str) -> Dict[str, Callable[[], Any]]:
 def _row(kind: str, name: str, method: str, direction: str, fn: Callable[[], Any], device: str,
          budget_s: float, candidates: int, t_star: float, **extra: Any) -> Dict[str, Any]:
     timing = time_call(fn, device, budget_s)
-    print(f"  {name} {method}: {_fmt_time(timing.median)}", flush=True)
     return dict(kind=kind, name=name, method=method, direction=direction, median_s=timing.median,
                 p20_s=timing.p20, p80_s=timing.p80, repeats=timing.repeats, candidates=candidates,
                 peak_bytes=peak_extra_bytes(fn, device), t_star=t_star, **extra)
 
 
-def bench_case(case: Case, device: str, quick: bool) -> Dict[str, Any]:
+def bench_case(case: Case, device: str, quick: bool, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Every baseline and every available backend on one case; see the module docstring.
-    Prints one progress line per timed row (long cases)."""
+    ``log`` gets one progress line per timed row (long cases)."""
     problem = Problem.make(case, device)
     args = problem.args()
     budget = (0.05 if quick else 0.3) if device == "cuda" else (0.1 if quick else 1.5)
     rows: List[Dict[str, Any]] = []
 
+    def add(row: Dict[str, Any]) -> None:
+        rows.append(row)
+        log(f"  {row['name']} {row['method']}: {_fmt_time(row['median_s'])}")
+
     fns = baselines(problem, device)
     script_t, forwards = fns["script"]()
-    rows.append(_row("baseline", "script", "bracket_grid", "raw", fns["script"], device, budget, forwards, script_t))
+    add(_row("baseline", "script", "bracket_grid", "raw", fns["script"], device, budget, forwards, script_t))
     outcome = fns["eager"]()[1]
-    rows.append(_row("baseline", "eager", "bracket_grid", "raw", fns["eager"], device, budget,
+    add(_row("baseline", "eager", "bracket_grid", "raw", fns["eager"], device, budget,
                      outcome.evaluations, float(outcome.step)))
     failed: Dict[str, str] = {}
     try:
@@ -263,7 +266,7 @@ def bench_case(case: Case, device: str, quick: bool) -> Dict[str, Any]:
         outcome = fns["compile"]()[1]
         _synchronize(device)
         compile_s = time.perf_counter() - start
-        rows.append(_row("baseline", "compile", "bracket_grid", "raw", fns["compile"], device, budget,
+        add(_row("baseline", "compile", "bracket_grid", "raw", fns["compile"], device, budget,
                          outcome.evaluations, float(outcome.step), compile_s=compile_s))
     except Exception as exc:  # torch.compile breaks on some stacks: report it, time the rest
         failed["compile"] = _reason(exc)
@@ -277,7 +280,7 @@ def bench_case(case: Case, device: str, quick: bool) -> Dict[str, Any]:
 
             try:
                 result = search()
-                rows.append(_row("backend", name, method, direction, search, device, budget,
+                add(_row("backend", name, method, direction, search, device, budget,
                                  result.evaluations, float(result.step)))
             except Exception as exc:  # one broken backend must not hide the others' numbers
                 failed[f"{name} {method}"] = _reason(exc)
@@ -437,7 +440,7 @@ def run(device: str = "cpu", cases: Sequence[str] = tuple(CASES), quick: bool = 
     chosen = [case_for(name, device) for name in cases]
     results: Dict[str, Any] = dict(device=device, quick=quick, env=environment(device), cases={}, targets=[])
     for case in chosen:
-        results["cases"][case.name] = bench_case(case, device, quick)
+        results["cases"][case.name] = bench_case(case, device, quick, log)
         results["targets"] = judge_targets(device, results["cases"])
         log(format_case(results["cases"][case.name]) + "\n")
         if json_path:
