@@ -9,42 +9,82 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
 
 #include "common.h"
 #include "cpu_kernels.h"
+#include "cpu_vec.h"
 
 namespace pof_fast {
 
 namespace {
 
-// One row: r = (exp(z - max) / sum - onehot(y)) * inv_m, or zeros for an ignored row.
+using cpu::kLanes;
+using cpu::lane_max;
+using cpu::lane_sum;
+using cpu::splat;
+using cpu::vexp_nonpositive;
+using cpu::vfloat;
+using cpu::vload;
+using cpu::vstore;
+
+// One counted row in place on a buffer padded to Cp with a large negative value:
+// r = (softmax(r) - onehot(y)) * inv_m. float: kLanes at a time (max, exp and sum, scale).
+POF_CLONES void residual_row(float* r, int64_t Cp, int64_t y, float inv_m) {
+  vfloat mx = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < Cp; c += kLanes) {
+    const vfloat x = vload(r + c);
+    mx = x > mx ? x : mx;
+  }
+  float lanes[kLanes];
+  std::memcpy(lanes, &mx, sizeof(mx));
+  const float m = lane_max(lanes);
+  vfloat s{};
+  for (int64_t c = 0; c < Cp; c += kLanes) {
+    const vfloat e = vexp_nonpositive(vload(r + c) - m);
+    vstore(r + c, e);
+    s += e;
+  }
+  std::memcpy(lanes, &s, sizeof(s));
+  const float f = inv_m / lane_sum(lanes);
+  for (int64_t c = 0; c < Cp; c += kLanes) vstore(r + c, vload(r + c) * f);
+  r[y] -= inv_m;
+}
+
+void residual_row(double* r, int64_t Cp, int64_t y, double inv_m) {
+  double m = r[0];
+  for (int64_t c = 1; c < Cp; ++c) m = std::max(m, r[c]);
+  double s = 0;
+  for (int64_t c = 0; c < Cp; ++c) {
+    r[c] = std::exp(r[c] - m);
+    s += r[c];
+  }
+  const double f = inv_m / s;
+  for (int64_t c = 0; c < Cp; ++c) r[c] *= f;
+  r[y] -= inv_m;
+}
+
+// out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, copied out;
+// ignored rows zero.
 template <typename T>
 void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, const int64_t* y, int64_t n,
                    int64_t C, int64_t ignore_index, T* out) {
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) m += y[i] != ignore_index;
-  const T inv_m = T(1) / T(std::max<int64_t>(m, 1));
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  const T inv_m = T(1) / T(std::max<int64_t>(cpu::count_rows(y, n, C, ignore_index), 1));
+  const int64_t Cp = cpu::padded(C);
+  const int64_t grain = std::max<int64_t>(1, 16384 / Cp);
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<T> buf(Cp);
     for (int64_t i = i0; i < i1; ++i) {
       T* r = out + i * C;
       if (y[i] == ignore_index) {
         std::fill(r, r + C, T(0));
         continue;
       }
-      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "pof_fast: target[", i, "] = ", y[i], " is outside [0, ", C,
-                  ") and is not ignore_index (", ignore_index, ")");
-      load(z + i * z_row_bytes, r, C, C, T(0));
-      T mx = r[0];
-      for (int64_t c = 1; c < C; ++c) mx = r[c] > mx ? r[c] : mx;
-      T sum = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        r[c] = std::exp(r[c] - mx);
-        sum += r[c];
-      }
-      const T f = inv_m / sum;
-      for (int64_t c = 0; c < C; ++c) r[c] *= f;
-      r[y[i]] -= inv_m;
+      load(z + i * z_row_bytes, buf.data(), C, Cp, T(-1e30));
+      residual_row(buf.data(), Cp, y[i], inv_m);
+      std::copy(buf.data(), buf.data() + C, r);
     }
   });
 }
@@ -106,14 +146,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {logits, residual, grad_weight, grad_bias, norm, scale};
   }
 #endif
-  at::Tensor sq = grad_weight.square().sum();
+  // 4. ||g|| by the norm kernel: square().sum() would write a [C, D] temporary (10x slower on case D).
+  norm = at::linalg_vector_norm(grad_weight);
   if (with_bias) {
     grad_bias = residual.sum(0);
-    sq = sq + grad_bias.square().sum();
+    norm = at::linalg_vector_norm(at::stack({norm, at::linalg_vector_norm(grad_bias)}));
   } else {
     grad_bias = at::empty({0}, residual.options());
   }
-  norm = sq.sqrt();
   const at::Tensor positive = norm > 0;
   scale = normalized ? at::where(positive, norm.reciprocal(), at::zeros_like(norm)) : positive.to(norm.scalar_type());
   return {logits, residual, grad_weight, grad_bias, norm, scale};

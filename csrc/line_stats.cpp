@@ -16,6 +16,7 @@
 
 #include "common.h"
 #include "cpu_kernels.h"
+#include "cpu_vec.h"
 
 namespace pof_fast {
 namespace cpu {
@@ -27,58 +28,6 @@ void load_row(const void* src, T* out, int64_t C, int64_t Cp, T pad) {
   const S* s = static_cast<const S*>(src);
   for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(s[c]);
   for (int64_t c = C; c < Cp; ++c) out[c] = pad;
-}
-
-// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp) on kLanes
-// floats at once (GCC/Clang vector extensions: AVX-512, AVX2 or SSE code per target clone).
-// Arguments below -64 return exactly 0: their terms (< 1.7e-28 of a sum that is >= 1) would otherwise
-// make e * d and e * d^2 subnormal, and subnormal arithmetic is ~50x slower on x86 (measured: the
-// bracket_grid search of case B took 0.93 ms instead of 0.6 ms).
-using vfloat = float __attribute__((vector_size(kLanes * sizeof(float))));
-using vint = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-__attribute__((always_inline)) inline vfloat vload(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-__attribute__((always_inline)) inline vfloat splat(float x) { return vfloat{} + x; }
-
-__attribute__((always_inline)) inline vfloat vexp_nonpositive(vfloat x) {
-  const vfloat lo = splat(-64.0f);
-  const vint keep = x > lo;
-  x = x > lo ? x : lo;
-  const vfloat magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vfloat n = x * 1.44269504088896341f + magic;
-  n -= magic;
-  vfloat r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfloat p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vfloat y = p * r * r + r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return keep ? y * scale : vfloat{};
-}
-
-template <typename T>
-inline T lane_max(const T* v) {
-  T m = v[0];
-  for (int64_t l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-
-template <typename T>
-inline T lane_sum(T* v) {  // pairwise, fixed order
-  for (int64_t w = kLanes / 2; w > 0; w /= 2)
-    for (int64_t l = 0; l < w; ++l) v[l] += v[l + w];
-  return v[0];
 }
 
 // Adds one row's loss/slope/curvature for k candidates to acc[0:k], acc[k:2k], acc[2k:3k].
@@ -172,12 +121,6 @@ inline void score_row_impl(const double* z, const double* d, int64_t Cp, double 
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define POF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define POF_CLONES
-#endif
-
 // C: the row length, Cp: padded; k <= kLanes candidates.
 POF_CLONES void score_row(const float* z, const float* d, int64_t C, int64_t Cp, float zy, float dy,
                           const float* steps, int k, float* acc) {
@@ -194,6 +137,17 @@ void score_row(const double* z, const double* d, int64_t, int64_t Cp, double zy,
 }
 
 }  // namespace
+
+int64_t count_rows(const int64_t* target, int64_t n, int64_t C, int64_t ignore_index) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (target[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(target[i] >= 0 && target[i] < C, "pof_fast: target[", i, "] = ", target[i], " is outside [0, ",
+                      C, ") and is not ignore_index (", ignore_index, ")");
+    ++m;
+  }
+  return m;
+}
 
 template <typename T>
 LoadRow<T> row_loader(at::ScalarType source) {
@@ -227,9 +181,7 @@ LineScorer<T>::LineScorer(const at::Tensor& logits, const at::Tensor& direction,
   // overhead on the dev box): small heads stay on one thread, large ones spread over all cores.
   rows_per_block_ = std::max<int64_t>(1, std::min<int64_t>(256, 8192 / Cp_));
   blocks_ = (n_ + rows_per_block_ - 1) / rows_per_block_;
-  int64_t m = 0;
-  for (int64_t i = 0; i < n_; ++i) m += y_[i] != ignore_index_;
-  inv_m_ = T(1) / T(std::max<int64_t>(m, 1));
+  inv_m_ = T(1) / T(std::max<int64_t>(count_rows(y_, n_, C_, ignore_index_), 1));
 }
 
 template <typename T>
@@ -245,8 +197,6 @@ void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv
       for (int64_t i = b * rows_per_block_; i < end; ++i) {
         const int64_t y = y_[i];
         if (y == ignore_index_) continue;
-        TORCH_CHECK_VALUE(y >= 0 && y < C_, "pof_fast: target[", i, "] = ", y, " is outside [0, ", C_,
-                    ") and is not ignore_index (", ignore_index_, ")");
         load_z_(z_ + i * z_row_bytes_, zbuf.data(), C_, Cp_, pad);
         load_d_(d_ + i * d_row_bytes_, dbuf.data(), C_, Cp_, T(0));
         score_row(zbuf.data(), dbuf.data(), C_, Cp_, zbuf[y], dbuf[y], steps, k, acc);

@@ -25,6 +25,13 @@ def line_derivatives(z0: Tensor, d: Tensor, y: Tensor, t: float, ignore_index: i
     return loss.item(), first.item(), second.item()
 
 
+def residual(z0: Tensor, y: Tensor, ignore_index: int = -100) -> Tensor:
+    """``[n, C]`` float64 dL/dz0 of the mean cross-entropy by autograd (softmax - onehot over m)."""
+    z = z0.double().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(z, y, ignore_index=ignore_index), z)
+    return grad
+
+
 def head_gradient(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, ignore_index: int = -100):
     """(z0, g_W, g_b or None, ||g||) in float64 by autograd."""
     w64 = w.double().clone().requires_grad_(True)

@@ -115,6 +115,21 @@ def test_head_gradient_zero_when_all_ignored():
     assert norm.item() == 0.0 and scale.item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_head_residual_huge_and_tiny_logits(dtype, scale):
+    """The fused softmax residual on the op's own z0: saturated rows, flat rows, C = 35 across SIMD lanes."""
+    g = torch.Generator().manual_seed(11)
+    h = (torch.randn(13, 21, generator=g, dtype=torch.float64) * scale).to(dtype)
+    w = torch.randn(35, 21, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 35, (13,), generator=g)
+    y[2] = -100
+    logits, residual, _, _, norm, _ = ops.head_gradient(h, w, None, y, -100, True)
+    want = oracle.residual(logits, y)
+    oracle.assert_close(residual, want, 1e-12 if dtype == torch.float64 else 1e-7, 1e-5, "residual")
+    assert torch.isfinite(norm)
+
+
 def test_head_gradient_bf16_features():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(29, 40, generator=g).bfloat16()
