@@ -67,6 +67,12 @@ def extensions():
     cuda = _want_cuda(torch, cpp_extension)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     flags = {"cxx": ["-O3", "-ffp-contract=off", "-Wno-psabi"]}
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP inline in ATen's headers: without -fopenmp it runs on one thread. The
+        # libgomp.so.1 it needs is the one torch has already loaded.
+        flags["cxx"].append("-fopenmp")
+        link.append("-fopenmp")
     macros = []
     if cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -76,7 +82,7 @@ def extensions():
         flags["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     ext = make("pof_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
-               extra_compile_args=flags)
+               extra_compile_args=flags, extra_link_args=link)
     _say(f"building pof_fast._C ({'CPU + CUDA' if cuda else 'CPU only'})")
     build = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build}

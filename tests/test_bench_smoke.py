@@ -18,12 +18,18 @@ def test_quick_bench_json_has_every_backend_and_baseline(tmp_path):
     assert result["cases"]["A"]["failed"] == {}
     rows = result["cases"]["A"]["rows"]
     expected = {(name, "bracket_grid") for name in bench.BASELINES}
-    expected |= {(name, method) for name, status in bench.available_backends("cpu").items() if status is True
-                 for method, _ in bench.SEARCHES}
+    running = [name for name, status in bench.available_backends("cpu").items() if status is True]
+    expected |= {(name, method) for name in running for method, _ in bench.SEARCHES}
+    expected |= {(name, "floor") for name in running}
     assert {(row["name"], row["method"]) for row in rows} == expected
     for row in rows:
         assert row["median_s"] > 0 and row["p20_s"] > 0, row
         assert row["candidates"] > 0 and row["peak_bytes"] >= 0, row
+        if row["kind"] == "floor":  # timed against itself; the same candidates as its bracket_grid search
+            assert row["x_floor"] == 1.0, row
+            search = next(r for r in rows if r["name"] == row["name"] and r["method"] == "bracket_grid")
+            assert row["candidates"] == search["candidates"] and search["x_floor"] > 0, (row, search)
+            continue
         assert row["agrees"], row
         assert row.get("same_point", True), row
     assert next(row for row in rows if row["name"] == "compile")["compile_s"] > 0

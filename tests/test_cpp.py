@@ -71,6 +71,28 @@ def test_line_stats_all_ignored_is_zero():
     assert torch.equal(got, torch.zeros(3, 2))
 
 
+def test_threads_change_nothing_but_the_time():
+    """Row blocks run on at::parallel_for (OpenMP) and are added in block order: bitwise the same with 1 or 2
+    threads, with enough rows for several blocks, and a bad label still raises a ValueError."""
+    z0, d, y = problem(600, 300, ignore_every=7)
+    h, w = torch.randn(600, 24), torch.randn(300, 24)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            stats = ops.line_stats(z0, d, y, torch.linspace(0, 2, 20), -100)
+            step = ops.search(z0, d, y, "newton", 1.0, 100.0, 16, -100, 8, 7)[0]
+            residual = ops.head_gradient(h, w, None, y, -100, True)[1]
+            got.append((stats, step, residual))
+            with pytest.raises(ValueError, match=r"target\[599\] = 300 is outside"):
+                ops.line_stats(z0, d, torch.cat([y[:-1], torch.tensor([300])]), torch.zeros(1), -100)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*got):
+        assert torch.equal(one, two)
+
+
 def test_line_stats_errors_name_the_problem():
     z0, d, y = problem(4, 6)
     with pytest.raises(ValueError, match="direction must have the shape"):

@@ -14,6 +14,11 @@ The baselines, all running the reference script's search, are defined here and n
 - ``compile``: that same function under ``torch.compile(dynamic=False)``; the first call (compilation) is timed
   separately and excluded from the per-search time.
 
+Each backend also gets a ``floor`` row: SPEC section 4's floor for its bracket_grid search, measured as
+the work no search can skip, each piece on inputs prepared beforehand: z0 = h W0^T + b0, g_W = R^T h,
+the direction logits d (as the backend forms them), and one call of the backend's scorer over z0 and d
+for all the search's candidates at once. Its ``x floor`` column is a row's time over that floor.
+
 Times: median of repeats after warm-up on the CPU; ``triton.testing.do_bench`` (median, CUDA
 synchronisation, L2 flush) on the GPU. Spread is the 20th-80th percentile range. Peak extra memory:
 on CUDA the ``max_memory_allocated`` rise during one call; on the CPU the peak of the running sum of
@@ -83,6 +88,8 @@ TARGETS = (
     ("cuda", "eager", 3.0, "ABC"),
     ("cuda", "compile", 1.3, "ABC"),
 )
+# Issue 5: the cuda search within 2x of its measured floor on A-C.
+FLOOR_TARGETS = (("cuda", 2.0, "ABC"),)
 
 
 def case_for(name: str, device: str) -> Case:
@@ -234,6 +241,24 @@ def baselines(problem: Problem, device: str) -> Dict[str, Callable[[], Any]]:
     }
 
 
+def floor_call(problem: Problem, backend: str, candidates: int) -> Callable[[], Any]:
+    """The floor of one search on ``backend`` (module docstring): three products and one scorer call."""
+    ops = dispatch._load(backend)
+    h, w, b, y = problem.args()
+    grad = ops.head_gradient(h, w, b, y, -100, False)
+    features = h.to(grad.grad_weight.dtype)
+    steps = torch.linspace(0.0, SCRIPT["max_step"], candidates, device=h.device)
+    direction = ops.direction_logits(h, grad)
+
+    def floor() -> Tensor:
+        torch.nn.functional.linear(h, w, b)
+        torch.mm(grad.residual.t(), features)
+        ops.direction_logits(h, grad)
+        return ops.line_stats(grad.logits, direction, y, steps, -100)
+
+    return floor
+
+
 def _row(kind: str, name: str, method: str, direction: str, fn: Callable[[], Any], device: str,
          budget_s: float, candidates: int, t_star: float, **extra: Any) -> Dict[str, Any]:
     timing = time_call(fn, device, budget_s)
@@ -284,12 +309,19 @@ def bench_case(case: Case, device: str, quick: bool, log: Callable[[str], None] 
                                  result.evaluations, float(result.step)))
             except Exception as exc:  # one broken backend must not hide the others' numbers
                 failed[f"{name} {method}"] = _reason(exc)
+        candidates = next((r["candidates"] for r in rows if r["name"] == name and r["method"] == "bracket_grid"), 0)
+        try:
+            if candidates:
+                add(_row("floor", name, "floor", "raw", floor_call(problem, name, candidates), device, budget,
+                         candidates, float("nan")))
+        except Exception as exc:  # e.g. [n, C] buffers that do not fit: the search rows stand without it
+            failed[f"{name} floor"] = _reason(exc)
 
     # Agreement on the script's line in float64: t* must score no worse there than the script's
     # pick (newton's t* is in units of g/||g||, hence the division), within the dtype's noise.
     losses, grad_norm = raw_line(problem)
     tolerance = (1e-5 if case.dtype == "float32" else 4e-3) * max(1.0, abs(losses([0.0])[0]))
-    for row in rows:
+    for row in (r for r in rows if r["kind"] != "floor"):
         raw_t = row["t_star"] / grad_norm if row["direction"] == "normalized" else row["t_star"]
         at_script, at_row = losses([script_t, raw_t])
         row["loss_gap"] = at_row - at_script
@@ -297,8 +329,10 @@ def bench_case(case: Case, device: str, quick: bool, log: Callable[[str], None] 
         if row["method"] == "bracket_grid":
             row["same_point"] = abs(row["t_star"] - script_t) <= 1e-6 * max(1.0, script_t)
     medians = {row["name"]: row["median_s"] for row in rows if row["kind"] == "baseline"}
+    floors = {row["name"]: row["median_s"] for row in rows if row["kind"] == "floor"}
     for row in rows:
         row["speedup"] = {b: medians[b] / row["median_s"] if b in medians else float("nan") for b in BASELINES}
+        row["x_floor"] = row["median_s"] / floors[row["name"]] if row["name"] in floors else float("nan")
     return dict(asdict(case), script_t=script_t, skipped={n: s for n, s in status.items() if s is not True},
                 failed=failed, rows=rows)
 
@@ -308,7 +342,8 @@ def _reason(exc: Exception) -> str:
 
 
 def judge_targets(device: str, cases: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Issue 6's targets for ``device``: speed-ups of the auto backend's bracket_grid row and, for
+    """Issues 5 and 6's targets for ``device``: speed-ups of the auto backend's bracket_grid row, its time
+    over its floor, and, for
     case D on CUDA, that no backend held a ``[K, n, C]`` fp32 buffer (K = 16, the grid's one call)."""
     auto = dispatch.resolve("auto", torch.device(device)).name
     out = []
@@ -321,6 +356,15 @@ def judge_targets(device: str, cases: Dict[str, Dict[str, Any]]) -> List[Dict[st
             got = float("nan") if row is None else row["speedup"][baseline]  # nan: failed, never "met"
             out.append(dict(case=name, backend=auto, baseline=baseline, value=got, met=got >= minimum,
                             what=f"{auto} bracket_grid >= {minimum:g}x vs {baseline}: {got:.2f}x"))
+    for target_device, most, names in FLOOR_TARGETS:
+        if target_device != device:
+            continue
+        for name in (c for c in names if c in cases):
+            row = next((r for r in cases[name]["rows"] if r["kind"] == "backend" and r["name"] == auto
+                        and r["method"] == "bracket_grid"), None)
+            got = float("nan") if row is None else row["x_floor"]  # nan: failed or no floor, never "met"
+            out.append(dict(case=name, backend=auto, baseline="floor", value=got, met=got <= most,
+                            what=f"{auto} bracket_grid <= {most:g}x its floor: {got:.2f}x"))
     if device == "cuda" and "D" in cases:
         case = cases["D"]
         limit = SCRIPT["partitions"] * case["n"] * case["classes"] * 4
@@ -363,7 +407,13 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds * 1e9:.3g} ns"
 
 
+def _fmt_ratio(value: float) -> str:
+    return f"{'-':>7}" if value != value else f"{value:>6.2f}x"
+
+
 def _agreement(row: Dict[str, Any]) -> str:
+    if row["kind"] == "floor":
+        return "(3 products + 1 scorer call)"
     if not row["agrees"]:
         return f"NO (loss +{row['loss_gap']:.2g})"
     return "same t*" if row.get("same_point") else f"yes (loss {row['loss_gap']:+.2g})"
@@ -374,12 +424,14 @@ def format_case(case: Dict[str, Any]) -> str:
     head = (f"case {case['name']}: n={case['n']} D={case['dim']} C={case['classes']} {case['dtype']}"
             f" ({case['what']}{'; ' + case['note'] if case['note'] else ''})")
     lines = [head, f"{'impl':<9} {'method':<13} {'time/search':>11} {'spread':>7} {'vs script':>9} "
-                   f"{'vs eager':>8} {'vs compile':>10} {'cand':>5} {'peak MB':>8} {'t*':>9}  agrees with script"]
+                   f"{'vs eager':>8} {'vs compile':>10} {'x floor':>7} {'cand':>5} {'peak MB':>8} {'t*':>9}  "
+                   f"agrees with script"]
     for r in case["rows"]:
         spread = (r["p80_s"] - r["p20_s"]) / r["median_s"] * 100
         s = r["speedup"]
         lines.append(f"{r['name']:<9} {r['method']:<13} {_fmt_time(r['median_s']):>11} {spread:>6.0f}% "
-                     f"{s['script']:>8.2f}x {s['eager']:>7.2f}x {s['compile']:>9.2f}x {r['candidates']:>5} "
+                     f"{s['script']:>8.2f}x {s['eager']:>7.2f}x {s['compile']:>9.2f}x {_fmt_ratio(r['x_floor'])} "
+                     f"{r['candidates']:>5} "
                      f"{r['peak_bytes'] / 2**20:>8.2f} {r['t_star']:>9.4g}  {_agreement(r)}")
     compile_s = next((r["compile_s"] for r in case["rows"] if r["name"] == "compile"), None)
     if compile_s is not None:
@@ -400,7 +452,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
     from matplotlib import ticker
 
     cases = list(results["cases"].values())
-    labels = [f"{r['name']} {r['method']}" for r in cases[0]["rows"] if r["name"] not in ("script",)]
+    labels = [f"{r['name']} {r['method']}" for r in cases[0]["rows"] if r["kind"] != "floor" and r["name"] != "script"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, len(labels))
     for ax, baseline in zip(axes, ("script", "eager")):
