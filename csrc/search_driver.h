@@ -153,7 +153,12 @@ POF_HD Outcome<T> newton(Stats& stats, const Plan& plan, T loss0) {
   T best_t = zero, best_loss = s.loss[0], best_slope = slope0, best_curv = s.curv[0];
   const int k = plan.newton_points;
   const T tiny = std::numeric_limits<T>::min();
-  for (int it = 0; it < plan.newton_iterations; ++it) {
+  // The iterations cannot change the outcome when the search is capped (l' < 0 at max_step), has no
+  // descent at 0 (NaN included), or has found l' = 0 exactly (a candidate replaces the best only with a
+  // strictly smaller |l'|): then they stop. The torch drivers, which have no host sync, run them all.
+  const bool decided = capped || !(slope0 < zero);
+  const int iterations = decided ? 0 : plan.newton_iterations;
+  for (int it = 0; it < iterations && best_slope != zero; ++it) {
     const T curv = best_curv != best_curv ? best_curv : (best_curv > tiny ? best_curv : tiny);  // clamp_min
     T nt = sub_rn(best_t, best_slope / curv);
     if (!(nt - nt == T(0))) nt = add_rn(lo, hi) / T(2);  // not finite

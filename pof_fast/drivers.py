@@ -66,7 +66,11 @@ def bracket_steps(plan: SearchPlan) -> list[float]:
 
 
 def evaluations(plan: SearchPlan) -> int:
-    """Candidate steps ``plan.method`` scores, l(0) included (the same for every backend)."""
+    """Candidate steps ``plan.method`` scores, l(0) included (no host sync, so the same for every backend).
+
+    For newton it is an upper bound on the compiled backends (``cpp``, ``cuda``): they stop iterating once
+    the outcome is decided (capped, no descent at t = 0, or l' = 0 found), where these drivers run them all.
+    """
     if plan.method == "newton":
         return 2 + plan.newton_iterations * plan.newton_points
     if plan.method == "grid":

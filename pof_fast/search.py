@@ -27,7 +27,8 @@ class LineSearchResult:
     grad_norm:        0-d ||g||.
     loss0, loss:      0-d l(0) and l(t*).
     capped:           0-d bool: t* is at ``max_step`` and the loss still falls there.
-    evaluations:      candidate steps scored (including t = 0).
+    evaluations:      candidate steps the method scores (including t = 0); for newton on ``cpp``/``cuda``
+                      an upper bound (they stop iterating once the outcome is decided).
     direction_norm:   0-d ||u|| (1 normalized, ||g|| raw, 0 when g = 0).
     """
 

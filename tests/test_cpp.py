@@ -235,6 +235,22 @@ def test_separable_batch_is_capped_and_zero_gradient_gives_zero_step():
     assert res.loss0.item() == 0.0
 
 
+def test_capped_newton_skips_nothing_it_reports():
+    """A capped newton search skips its iterations in C++: every output still matches the torch drivers'."""
+    h = torch.eye(6).repeat(5, 1) + 0.01 * torch.randn(30, 6, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(6).repeat(5)
+    w, b = torch.eye(6) * 2, torch.zeros(6)
+    got = pof_fast.line_search(h, w, b, y, method="newton", max_step=3.0, backend="cpp")
+    want = pof_fast.line_search(h, w, b, y, method="newton", max_step=3.0, backend="torch")
+    assert bool(got.capped) and bool(want.capped) and got.step.item() == want.step.item() == 3.0
+    for name in ("loss0", "loss", "grad_norm"):
+        assert getattr(got, name).item() == pytest.approx(getattr(want, name).item(), rel=1e-5), name
+    z0 = torch.nn.functional.linear(h, w, b).double()
+    d = oracle.direction(h, got.weight_direction.double(), got.bias_direction.double(), 1.0)
+    assert oracle.line_derivatives(z0, d, y, 3.0)[1] < 0  # still falling at the cap
+    assert got.loss.item() == pytest.approx(oracle.line_loss(z0, d, y, 3.0), rel=1e-5)
+
+
 def test_search_op_matches_driver_on_its_own_stats():
     """The native search scores exactly the candidates the Python drivers score with the same stats."""
     z0, d, y = problem(50, 20, scale=1.0, seed=7)
