@@ -65,6 +65,18 @@ def test_line_stats_huge_and_tiny_logits(scale):
     oracle.assert_close(got, want, atol=1e-5 * max(1.0, scale), rtol=1e-5, what=f"line_stats scale={scale}")
 
 
+def test_nan_propagates_as_in_torch():
+    """Unchecked NaN input (validate=False skips the check) gives NaN, never a finite wrong answer."""
+    z0, d, y = problem(5, 40)
+    z0[2, 7] = float("nan")
+    stats = ops.line_stats(z0, d, y, torch.tensor([0.0, 0.5]), -100)
+    assert torch.isnan(stats[0]).all()
+    h, w = torch.randn(5, 8), torch.randn(40, 8)
+    h[1, 3] = float("nan")
+    residual = ops.head_gradient(h, w, None, y, -100, True)[1]
+    assert torch.isnan(residual[1]).all() and torch.isfinite(residual[0]).all()
+
+
 def test_line_stats_all_ignored_is_zero():
     z0, d, y = problem(5, 7)
     got = ops.line_stats(z0, d, torch.full_like(y, -100), torch.tensor([0.0, 1.0]), -100)
