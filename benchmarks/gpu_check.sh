@@ -30,7 +30,8 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD under timeout, append to LOG
 stage build 120 "$OUT/build.log" env POF_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
   $PY setup.py build_ext --inplace &
 build=$!
-stage tests_triton 110 "$OUT/tests.log" $PY -m pytest -q -rfE -p no:cacheprovider -n 8 -m triton tests
+# 8 test workers on 16 cores: two OpenMP threads each (torch's and the cpp kernels'), not 16 each.
+stage tests_triton 110 "$OUT/tests.log" env OMP_NUM_THREADS=2 $PY -m pytest -q -rfE -p no:cacheprovider -n 8 -m triton tests
 wait $build
 $PY -c "import pof_fast; print('backends', pof_fast.backends()); import pof_fast._C;
 print('libstdc++ loaded:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l}))" >> "$OUT/env.txt" 2>&1
@@ -46,7 +47,7 @@ except Exception as e:
   echo "C++ exception probe exit $? (0: raised cleanly, 139: segfault): $probe" >> "$OUT/env.txt"
 done
 
-stage tests_cuda 60 "$OUT/tests.log" $PY -m pytest -q -rfE -p no:cacheprovider -n 8 tests/test_cuda.py \
+stage tests_cuda 60 "$OUT/tests.log" env OMP_NUM_THREADS=2 $PY -m pytest -q -rfE -p no:cacheprovider -n 8 tests/test_cuda.py \
   tests/test_cpp.py tests/test_line_search.py tests/test_optim.py tests/test_package.py
 
 stage bench_abc 110 "$OUT/bench_abc.txt" $PY benchmarks/run.py --device cuda --cases A,B,C \

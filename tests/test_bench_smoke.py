@@ -34,3 +34,18 @@ def test_quick_bench_json_has_every_backend_and_baseline(tmp_path):
         assert row.get("same_point", True), row
     assert next(row for row in rows if row["name"] == "compile")["compile_s"] > 0
     assert {t["baseline"] for t in result["targets"]} == {"script"}
+
+
+def test_floor_target_is_judged_on_the_auto_bracket_grid_row():
+    """cuda targets include `within 2x of the floor`; a missing row is nan and never met."""
+    auto = bench.dispatch.resolve("auto", torch.device("cuda")).name  # torch on a machine without a GPU
+
+    def row(x_floor, method="bracket_grid"):
+        return dict(kind="backend", name=auto, method=method, x_floor=x_floor,
+                    speedup={b: 40.0 for b in bench.BASELINES}, peak_bytes=0)
+
+    cases = {"A": {"rows": [row(1.5)]}, "B": {"rows": [row(2.5)]}, "C": {"rows": [row(1.0, "newton")]}}
+    floor = {t["case"]: t for t in bench.judge_targets("cuda", cases) if t["baseline"] == "floor"}
+    assert floor["A"]["met"] and floor["A"]["value"] == 1.5
+    assert not floor["B"]["met"]
+    assert not floor["C"]["met"] and floor["C"]["value"] != floor["C"]["value"]  # nan: no bracket_grid row
