@@ -72,7 +72,11 @@ class Backend:
     def line_search(
         self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
     ) -> tuple[HeadGradient, SearchOutcome]:
-        """Gradient, direction logits and the search, composed from the ops above."""
+        """Gradient, direction logits and the search, composed from the ops above.
+
+        The HeadGradient's tensors must be fresh (no aliasing of the inputs or of anything kept): the
+        public API scales ``grad_weight`` and ``grad_bias`` into the directions in place.
+        """
         grad = self.head_gradient(features, weight, bias, target, plan.ignore_index, plan.normalized)
         direction = self.direction_logits(features, grad)
         return grad, self.search(grad.logits, direction, target, plan)

@@ -146,11 +146,13 @@ def line_search(
     plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index,
                       logits_free=logits_free)
     grad, outcome = _run(backend, device, "line_search", features, weight, bias, target, plan)
-    bias_direction = grad.grad_bias * grad.scale if grad.grad_bias is not None else None
+    # u = scale * g in place: the backend's gradient is ours (Backend.line_search), and a second [C, D]
+    # buffer would cost 2 GiB on an LM head.
+    bias_direction = grad.grad_bias.mul_(grad.scale) if grad.grad_bias is not None else None
     has_direction = grad.grad_norm > 0  # g = 0: no direction, so no step whatever the method
     return LineSearchResult(
         step=torch.where(has_direction, outcome.step, torch.zeros_like(outcome.step)),
-        weight_direction=grad.grad_weight * grad.scale,
+        weight_direction=grad.grad_weight.mul_(grad.scale),
         bias_direction=bias_direction,
         grad_norm=grad.grad_norm,
         loss0=outcome.loss0,
