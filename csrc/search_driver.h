@@ -94,7 +94,7 @@ POF_HD void grid_pick(Stats& stats, T end, int partitions, T& best_t, T& best_lo
 
 POF_HD_TEMPLATE
 template <typename T, typename Stats>
-POF_HD Outcome<T> bracket_grid(Stats& stats, const Plan& plan, T loss0) {
+POF_HD Outcome<T> bracket_grid(Stats& stats, const Plan& plan) {
   // The scored candidates init * 2^j while the doubled value stays below max_step (drivers.bracket_steps).
   int scored = 1;
   double last = plan.init_step;
@@ -104,14 +104,24 @@ POF_HD Outcome<T> bracket_grid(Stats& stats, const Plan& plan, T loss0) {
   }
   const double kept_end = last * 2.0;
   Scored<T> s;
+  T loss0 = T(0);
   bool rose = false;
   T end = T(kept_end);
   double t = plan.init_step;
-  for (int j0 = 0; j0 < scored && !rose; j0 += kChunk) {  // only the first rise matters
-    const int k = scored - j0 < kChunk ? scored - j0 : kChunk;
-    for (int j = 0; j < k; ++j, t *= 2.0) s.steps[j] = T(t);
+  // t = 0, then the bracket, kChunk at a time: l(0) comes in the same scorer call as the first doublings.
+  for (int i0 = 0; i0 <= scored && !rose; i0 += kChunk) {  // only the first rise matters
+    const int k = scored + 1 - i0 < kChunk ? scored + 1 - i0 : kChunk;
+    for (int j = 0; j < k; ++j) {
+      if (i0 + j == 0) {
+        s.steps[j] = T(0);
+      } else {
+        s.steps[j] = T(t);
+        t *= 2.0;
+      }
+    }
     stats(s.steps, k, s.loss, s.slope, s.curv);
-    for (int j = 0; j < k && !rose; ++j) {
+    if (i0 == 0) loss0 = s.loss[0];
+    for (int j = i0 == 0 ? 1 : 0; j < k && !rose; ++j) {
       if (s.loss[j] > loss0) {
         rose = true;
         end = s.steps[j];
@@ -141,13 +151,13 @@ POF_HD Outcome<T> grid(Stats& stats, const Plan& plan, T loss0) {
 
 POF_HD_TEMPLATE
 template <typename T, typename Stats>
-POF_HD Outcome<T> newton(Stats& stats, const Plan& plan, T loss0) {
+POF_HD Outcome<T> newton(Stats& stats, const Plan& plan) {
   Scored<T> s;
   s.steps[0] = T(0);
   s.steps[1] = T(plan.max_step);
   stats(s.steps, 2, s.loss, s.slope, s.curv);
   const T zero = T(0), cap = T(plan.max_step);
-  const T slope0 = s.slope[0], loss_max = s.loss[1];
+  const T loss0 = s.loss[0], slope0 = s.slope[0], loss_max = s.loss[1];
   const bool capped = s.slope[1] < zero;
   T lo = zero, hi = cap;
   T best_t = zero, best_loss = s.loss[0], best_slope = slope0, best_curv = s.curv[0];
@@ -197,15 +207,15 @@ POF_HD Outcome<T> newton(Stats& stats, const Plan& plan, T loss0) {
   return out;
 }
 
-// l(0), then the plan's method.
+// The plan's method. newton and bracket_grid score l(0) in their first scorer call; grid on its own.
 POF_HD_TEMPLATE
 template <typename T, typename Stats>
 POF_HD Outcome<T> run_search(Stats& stats, const Plan& plan) {
+  if (plan.method == 1) return bracket_grid<T>(stats, plan);
+  if (plan.method == 0) return newton<T>(stats, plan);
   T zero[1] = {T(0)}, loss[1], slope[1], curv[1];
   stats(zero, 1, loss, slope, curv);
-  if (plan.method == 1) return bracket_grid(stats, plan, loss[0]);
-  if (plan.method == 2) return grid(stats, plan, loss[0]);
-  return newton(stats, plan, loss[0]);
+  return grid(stats, plan, loss[0]);
 }
 
 }  // namespace pof_fast

@@ -217,6 +217,20 @@ def test_grid_and_script_choice(n, dim, classes, seed):
         assert min(losses) == pytest.approx(oracle.line_loss(z0, d, y, bg.step.item()), rel=1e-9)
 
 
+@pytest.mark.parametrize("init,cap", [(1e-3, 1e3), (0.37, 1e3), (1.0, 1.5)])
+def test_long_and_short_brackets_match_the_script(init, cap):
+    """l(0) shares the first scorer call with the doublings; 1e-3 -> 1e3 needs 21 points, two calls of 16."""
+    h, w, b, y = (t.double() if t.is_floating_point() else t for t in search_problem(64, 12, 9, 5))
+    bg = pof_fast.line_search(h, w, b, y, method="bracket_grid", direction="raw", init_step=init, max_step=cap,
+                              backend="cpp")
+    z0 = torch.nn.functional.linear(h, w, b)
+    d = oracle.direction(h, *oracle.head_gradient(h, w, b, y)[1:3], 1.0)
+    best, losses = oracle.script_search(z0, d, y, init=init, cap=cap)
+    assert bg.step.item() == pytest.approx(best, rel=1e-12)
+    assert bg.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y, 0.0), rel=1e-12)
+    assert bg.loss.item() == pytest.approx(min(losses), rel=1e-12)
+
+
 @pytest.mark.parametrize("n,dim,classes,seed", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_newton_optimality(n, dim, classes, seed, dtype):
