@@ -3,7 +3,9 @@
 // A driver sees the problem only through a scorer `stats(steps, k, loss, slope, curv)` that fills
 // l(t), l'(t), l''(t) for k <= kChunk candidate steps. Candidates are formed with the same float
 // operations, in the same order and the same dtype T as the torch drivers (no fused multiply-add),
-// so both backends score the same points and pick the same one up to rounding of the losses.
+// so both backends score the same points and pick the same one up to rounding of the losses. Two
+// differences change no result: l(0) shares the first scorer call (newton, bracket_grid), and newton
+// stops iterating once its outcome is decided (the torch drivers, with no host sync, run every iteration).
 // On the GPU every thread of the launch runs the driver redundantly on identical scorer outputs.
 #pragma once
 
