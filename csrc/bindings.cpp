@@ -20,6 +20,10 @@ TORCH_LIBRARY(pof_fast, m) {
       "search(Tensor logits, Tensor direction, Tensor target, str method, float init_step, float max_step, "
       "int partitions, int ignore_index, int newton_iterations, int newton_points) -> (Tensor, Tensor, Tensor, "
       "Tensor)");
+  m.def(
+      "line_search(Tensor features, Tensor weight, Tensor? bias, Tensor target, str method, bool normalized, "
+      "float init_step, float max_step, int partitions, int ignore_index, int newton_iterations, int newton_points, "
+      "bool? logits_free) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pof_fast, CPU, m) {
@@ -27,6 +31,7 @@ TORCH_LIBRARY_IMPL(pof_fast, CPU, m) {
   m.impl("head_gradient", &pof_fast::head_gradient);
   m.impl("direction_logits", &pof_fast::direction_logits);
   m.impl("search", &pof_fast::search_cpu);
+  m.impl("line_search", &pof_fast::line_search);
 }
 
 #ifdef POF_FAST_WITH_CUDA
@@ -35,6 +40,7 @@ TORCH_LIBRARY_IMPL(pof_fast, CUDA, m) {
   m.impl("head_gradient", &pof_fast::head_gradient);
   m.impl("direction_logits", &pof_fast::direction_logits);
   m.impl("search", &pof_fast::search_cuda);
+  m.impl("line_search", &pof_fast::line_search);
 }
 #endif
 

@@ -44,6 +44,16 @@ at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_w
                             const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale,
                             const c10::optional<at::Tensor>& residual);
 
+// The whole search (csrc/line_search.cpp): step, u_W, u_b ([0] without bias), ||g||, l(0), l(t*), capped, ||u||
+// (pof_fast._types.SearchTensors).
+using SearchTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor>;
+SearchTensors line_search(const at::Tensor& features, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                          c10::string_view method, bool normalized, double init_step, double max_step,
+                          int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
+                          int64_t newton_points, c10::optional<bool> logits_free);
+
 #ifdef POF_FAST_WITH_CUDA
 // CUDA ops and pieces (csrc/cuda/*.cu).
 at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,

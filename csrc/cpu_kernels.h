@@ -16,9 +16,8 @@ constexpr int64_t kLanes = 16;
 
 inline int64_t padded(int64_t c) { return (c + kLanes - 1) / kLanes * kLanes; }
 
-// Rows whose label is not ignore_index; raises ValueError (before any parallel work) on a label
-// outside [0, C).
-int64_t count_rows(const int64_t* target, int64_t n, int64_t C, int64_t ignore_index);
+// m: the rows whose label is not ignore_index (a label outside [0, C) counts, and makes its row NaN).
+int64_t count_rows(const int64_t* target, int64_t n, int64_t ignore_index);
 
 // out[0:C] = T(src[0:C]), out[C:Cp] = pad.
 template <typename T>

@@ -67,11 +67,11 @@ void residual_row(double* r, int64_t Cp, int64_t y, double inv_m) {
 }
 
 // out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, copied out;
-// ignored rows zero.
+// ignored rows zero, rows with a label outside [0, C) NaN.
 template <typename T>
 void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, const int64_t* y, int64_t n,
                    int64_t C, int64_t ignore_index, T* out) {
-  const T inv_m = T(1) / T(std::max<int64_t>(cpu::count_rows(y, n, C, ignore_index), 1));
+  const T inv_m = T(1) / T(std::max<int64_t>(cpu::count_rows(y, n, ignore_index), 1));
   const int64_t Cp = cpu::padded(C);
   const int64_t grain = std::max<int64_t>(1, 16384 / Cp);
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
@@ -80,6 +80,10 @@ void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, con
       T* r = out + i * C;
       if (y[i] == ignore_index) {
         std::fill(r, r + C, T(0));
+        continue;
+      }
+      if (y[i] < 0 || y[i] >= C) {  // a counted label outside [0, C): a NaN row, as every backend gives
+        std::fill(r, r + C, std::numeric_limits<T>::quiet_NaN());
         continue;
       }
       load(z + i * z_row_bytes, buf.data(), C, Cp, T(-1e30));

@@ -1,11 +1,13 @@
-// The search drivers of pof_fast/drivers.py, step for step, for host C++ and CUDA device code.
+// The search drivers of pof_fast/drivers.py (the search specification), step for step, for host C++
+// and CUDA device code.
 //
 // A driver sees the problem only through a scorer `stats(steps, k, loss, slope, curv)` that fills
 // l(t), l'(t), l''(t) for k <= kChunk candidate steps. Candidates are formed with the same float
 // operations, in the same order and the same dtype T as the torch drivers (no fused multiply-add),
-// so both backends score the same points and pick the same one up to rounding of the losses. Two
-// differences change no result: l(0) shares the first scorer call (newton, bracket_grid), and newton
-// stops iterating once its outcome is decided (the torch drivers, with no host sync, run every iteration).
+// so both backends score the same points and pick the same one up to rounding of the losses. They
+// score the same candidates too (l(0) in the first call of newton and bracket_grid, every newton
+// round, every bracket candidate), so drivers.evaluations() is exact here; the only difference is
+// that a call of more than kChunk candidates is made as several calls.
 // On the GPU every thread of the launch runs the driver redundantly on identical scorer outputs.
 #pragma once
 
@@ -111,7 +113,7 @@ POF_HD Outcome<T> bracket_grid(Stats& stats, const Plan& plan) {
   T end = T(kept_end);
   double t = plan.init_step;
   // t = 0, then the bracket, kChunk at a time: l(0) comes in the same scorer call as the first doublings.
-  for (int i0 = 0; i0 <= scored && !rose; i0 += kChunk) {  // only the first rise matters
+  for (int i0 = 0; i0 <= scored; i0 += kChunk) {
     const int k = scored + 1 - i0 < kChunk ? scored + 1 - i0 : kChunk;
     for (int j = 0; j < k; ++j) {
       if (i0 + j == 0) {
@@ -165,12 +167,7 @@ POF_HD Outcome<T> newton(Stats& stats, const Plan& plan) {
   T best_t = zero, best_loss = s.loss[0], best_slope = slope0, best_curv = s.curv[0];
   const int k = plan.newton_points;
   const T tiny = std::numeric_limits<T>::min();
-  // The iterations cannot change the outcome when the search is capped (l' < 0 at max_step), has no
-  // descent at 0 (NaN included), or has found l' = 0 exactly (a candidate replaces the best only with a
-  // strictly smaller |l'|): then they stop. The torch drivers, which have no host sync, run them all.
-  const bool decided = capped || !(slope0 < zero);
-  const int iterations = decided ? 0 : plan.newton_iterations;
-  for (int it = 0; it < iterations && best_slope != zero; ++it) {
+  for (int it = 0; it < plan.newton_iterations; ++it) {
     const T curv = best_curv != best_curv ? best_curv : (best_curv > tiny ? best_curv : tiny);  // clamp_min
     T nt = sub_rn(best_t, best_slope / curv);
     if (!(nt - nt == T(0))) nt = add_rn(lo, hi) / T(2);  // not finite

@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["head_residual", "gradient_norm"]
+from .line_stats import FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["head_residual", "gradient_norm"]
 
 # Untuned (no GPU available when written); chosen so a [BLOCK_N, BLOCK_C] tile is 4096 values and a
 # row block of a C <= 256 head is read in one tile.

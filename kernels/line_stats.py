@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["line_stats", "candidate_tile", "row_block", "row_finish", "store_partials"]
+__all__ = ["FLOAT_DTYPES", "line_stats", "candidate_tile", "row_block", "row_finish", "store_partials"]
 
+# The dtypes every kernel here takes (fp32 accumulation); the backend sends others to the reference ops.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Untuned (no GPU was available when this was written); chosen so that the [BLOCK_N, BLOCK_K, BLOCK_C]

@@ -13,15 +13,14 @@ from typing import Optional
 
 import torch
 
+from ._types import accumulation_dtype as _accumulation
+from ._types import empty_search_tensors
+
 __all__ = ["available", "reason", "cuda_compiled", "compiled_ops", "ops"]
 
 _module: Optional[ModuleType] = None
 _error: Optional[BaseException] = None
 _tried = False
-
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _register_fakes() -> None:
@@ -52,6 +51,10 @@ def _register_fakes() -> None:
         acc = _accumulation(logits.dtype)
         scalar = logits.new_empty((), dtype=acc)
         return scalar, scalar.clone(), scalar.clone(), logits.new_empty((), dtype=torch.bool)
+
+    @torch.library.register_fake(lib + "line_search")
+    def _line_search(features, weight, bias, target, *plan):
+        return tuple(empty_search_tensors(features, weight, bias))
 
 
 def _load() -> Optional[ModuleType]:

@@ -1,8 +1,8 @@
 """Argument checks shared by the public functions: clear errors that name the argument.
 
-Shape, dtype and device checks cost nothing. Checks that must read the data (NaN/inf, labels out of
-range, every label ignored) are gathered into one device reduction and one host synchronisation;
-callers that want a search with no synchronisation at all pass ``validate=False``.
+Shape, dtype and device checks cost nothing. The public functions check the data (NaN/inf, labels out
+of range, every label ignored) by one host read of their own result; only when that fails does
+:func:`data` read the inputs to name the bad argument.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from ._types import FLOAT_DTYPES
 
 
 def tensor(name: str, value: object, ndim: int) -> Tensor:
@@ -46,6 +46,11 @@ def same_device(**tensors: Optional[Tensor]) -> torch.device:
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but {named[0][0]} is on {device}: put them on one device")
     return device
+
+
+def ignore_index(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
 
 
 def shape(name: str, value: Tensor, expected: tuple, meaning: str) -> None:

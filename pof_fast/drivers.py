@@ -1,56 +1,23 @@
-"""Device-side search drivers: bracket_grid, grid and newton on top of any ``line_stats``.
+"""The search specification: bracket_grid, grid and newton on top of any ``line_stats``.
 
 A driver sees the problem only through ``stats(steps) -> [3, K]`` (loss, slope, curvature at each
-candidate; see :func:`pof_fast.reference.line_stats`). Every driver launches a fixed number of
-``stats`` calls, keeps all decisions in device tensors and never synchronises with the host, so
-a search costs a handful of launches, not one round trip per candidate.
+candidate; see :func:`pof_fast.reference.line_stats`). Every driver makes a fixed number of ``stats``
+calls on candidates formed on the device, keeps all decisions in device tensors and never
+synchronises with the host. ``csrc/search_driver.h`` follows these drivers step for step (same
+candidates, same calls up to its chunking of K), so :func:`evaluations` is exact on every backend.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .reference import CURVATURE, LOSS, SLOPE
+from ._types import CURVATURE, LOSS, SLOPE, SearchOutcome, SearchPlan
+
+__all__ = ["StatsFn", "bracket_steps", "evaluations", "bracket_grid", "grid", "newton", "run"]
 
 StatsFn = Callable[[Tensor], Tensor]
-
-METHODS = ("newton", "bracket_grid", "grid")
-DIRECTIONS = ("normalized", "raw")
-
-
-@dataclass(frozen=True)
-class SearchPlan:
-    """What to search for; validated by :func:`pof_fast.line_search`.
-
-    newton_iterations x newton_points candidates are scored by ``method="newton"`` after the
-    two end points: each iteration scores one safeguarded Newton point plus ``newton_points - 1``
-    points spread evenly inside the current bracket, so the bracket shrinks at least
-    ``newton_points``-fold per iteration whatever Newton does. ``logits_free``: None lets the
-    backend decide whether to store z0 and d (see :mod:`pof_fast.backend_triton`); True/False forces it.
-    """
-
-    method: str = "newton"
-    normalized: bool = True
-    init_step: float = 1.0
-    max_step: float = 100.0
-    partitions: int = 16
-    ignore_index: int = -100
-    newton_iterations: int = 8
-    newton_points: int = 8
-    logits_free: Optional[bool] = None
-
-
-class SearchOutcome(NamedTuple):
-    """0-d device tensors: t*, l(0), l(t*), capped (bool); evaluations is a host int."""
-
-    step: Tensor
-    loss0: Tensor
-    loss: Tensor
-    capped: Tensor
-    evaluations: int
 
 
 def bracket_steps(plan: SearchPlan) -> list[float]:
@@ -66,11 +33,7 @@ def bracket_steps(plan: SearchPlan) -> list[float]:
 
 
 def evaluations(plan: SearchPlan) -> int:
-    """Candidate steps ``plan.method`` scores, l(0) included (no host sync, so the same for every backend).
-
-    For newton it is an upper bound on the compiled backends (``cpp``, ``cuda``): they stop iterating once
-    the outcome is decided (capped, no descent at t = 0, or l' = 0 found), where these drivers run them all.
-    """
+    """Candidate steps ``plan.method`` scores, l(0) included, on every backend."""
     if plan.method == "newton":
         return 2 + plan.newton_iterations * plan.newton_points
     if plan.method == "grid":
@@ -93,43 +56,48 @@ def _grid_pick(stats: StatsFn, end: Tensor, plan: SearchPlan):
     return _at(steps, best), _at(s[LOSS], best), best == p - 1, s[SLOPE, p - 1]
 
 
-def bracket_grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
-    """The reference script's search, with all bracket candidates scored in one call."""
+def bracket_grid(stats: StatsFn, plan: SearchPlan, device: torch.device, dtype: torch.dtype) -> SearchOutcome:
+    """The reference script's search: l(0) and every bracket candidate in one call, then the grid."""
     candidates = bracket_steps(plan)
-    scored = torch.tensor(candidates[:-1], device=loss0.device, dtype=loss0.dtype)
-    rose = stats(scored)[LOSS] > loss0
+    # [0, init, 2 init, ...]: doublings formed on the device (exact: powers of two), never copied from the host.
+    doublings = torch.full((len(candidates) - 1,), 2.0, device=device, dtype=dtype).cumprod(0) * (plan.init_step / 2)
+    steps = torch.cat([torch.zeros(1, device=device, dtype=dtype), doublings])
+    losses = stats(steps)[LOSS]
+    loss0, scored = losses[0], losses[1:]
+    rose = scored > loss0
     first_rise = torch.argmax(rose.to(torch.int8))
-    end = torch.where(rose.any(), _at(scored, first_rise), torch.full_like(loss0, candidates[-1]))
+    end = torch.where(rose.any(), _at(doublings, first_rise), torch.full_like(loss0, candidates[-1]))
     step, loss, last, slope = _grid_pick(stats, end, plan)
     capped = (~rose.any()) & last & (slope < 0)
-    return SearchOutcome(step, loss0, loss, capped, evaluations(plan))
+    return SearchOutcome(step, loss0, loss, capped)
 
 
-def grid(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
-    """``partitions`` points linspace(0, max_step, partitions + 1)[1:], first argmin."""
+def grid(stats: StatsFn, plan: SearchPlan, device: torch.device, dtype: torch.dtype) -> SearchOutcome:
+    """l(0), then ``partitions`` points linspace(0, max_step, partitions + 1)[1:], first argmin."""
+    loss0 = stats(torch.zeros(1, device=device, dtype=dtype))[LOSS, 0]
     end = torch.full_like(loss0, plan.max_step)
     step, loss, last, slope = _grid_pick(stats, end, plan)
-    return SearchOutcome(step, loss0, loss, last & (slope < 0), evaluations(plan))
+    return SearchOutcome(step, loss0, loss, last & (slope < 0))
 
 
-def newton(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
+def newton(stats: StatsFn, plan: SearchPlan, device: torch.device, dtype: torch.dtype) -> SearchOutcome:
     """The minimiser of the convex l on [0, max_step]: bracketed Newton with a K-point safeguard.
 
     l' is non-decreasing, so the root of l' is bracketed by [lo, hi] with l'(lo) < 0 <= l'(hi).
     If l'(max_step) < 0 the loss still falls at the cap: t* = max_step, capped. If l'(0) >= 0
     (g = 0): t* = 0. Otherwise the best point is the scored one with the smallest |l'|.
+    Every round runs, decided or not: stopping early would need a host sync.
     """
-    dev, dt = loss0.device, loss0.dtype
-    ends = torch.tensor([0.0, plan.max_step], device=dev, dtype=dt)
+    ends = torch.arange(2, device=device, dtype=dtype) * plan.max_step  # [0, max_step]
     s = stats(ends)
-    slope0, slope_max, loss_max = s[SLOPE, 0], s[SLOPE, 1], s[LOSS, 1]
+    loss0, slope0, slope_max, loss_max = s[LOSS, 0], s[SLOPE, 0], s[SLOPE, 1], s[LOSS, 1]
     capped = slope_max < 0
     lo, hi = ends[0], ends[1]
-    best_t, best_loss, best_slope, best_curv = ends[0], s[LOSS, 0], slope0, s[CURVATURE, 0]
+    best_t, best_loss, best_slope, best_curv = ends[0], loss0, slope0, s[CURVATURE, 0]
     k = plan.newton_points
-    spread = torch.arange(1, k, device=dev, dtype=dt) / k
+    spread = torch.arange(1, k, device=device, dtype=dtype) / k
     for _ in range(plan.newton_iterations):
-        newton_t = best_t - best_slope / best_curv.clamp_min(torch.finfo(dt).tiny)
+        newton_t = best_t - best_slope / best_curv.clamp_min(torch.finfo(dtype).tiny)
         newton_t = torch.where(torch.isfinite(newton_t), newton_t, (lo + hi) / 2)
         newton_t = torch.minimum(torch.maximum(newton_t, lo), hi)
         steps = torch.cat([newton_t[None], lo + (hi - lo) * spread])
@@ -148,13 +116,12 @@ def newton(stats: StatsFn, plan: SearchPlan, loss0: Tensor) -> SearchOutcome:
     descent = slope0 < 0
     step = torch.where(capped, ends[1], torch.where(descent, best_t, ends[0]))
     loss = torch.where(capped, loss_max, torch.where(descent, best_loss, loss0))
-    return SearchOutcome(step, loss0, loss, capped, evaluations(plan))
+    return SearchOutcome(step, loss0, loss, capped)
 
 
 DRIVERS = {"bracket_grid": bracket_grid, "grid": grid, "newton": newton}
 
 
-def run(stats: StatsFn, plan: SearchPlan, device: torch.device) -> SearchOutcome:
-    """Score l(0), then run ``plan.method`` with the given scorer."""
-    loss0 = stats(torch.zeros(1, device=device))[LOSS, 0]
-    return DRIVERS[plan.method](stats, plan, loss0)
+def run(stats: StatsFn, plan: SearchPlan, device: torch.device, dtype: torch.dtype = torch.float32) -> SearchOutcome:
+    """Run ``plan.method`` with the given scorer; candidate steps in ``dtype`` (the accumulation dtype)."""
+    return DRIVERS[plan.method](stats, plan, torch.device(device), dtype)

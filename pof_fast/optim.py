@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as check
-from .drivers import DIRECTIONS, METHODS
+from ._types import DIRECTIONS, METHODS
 from .search import LineSearchResult, line_search
 
 __all__ = ["PoF", "PoFStats"]

@@ -6,15 +6,16 @@ nothing here synchronises with the host and nothing modifies its inputs.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._types import HeadGradient, accumulation_dtype
+
 __all__ = [
-    "HeadGradient",
-    "accumulation_dtype",
     "count_rows",
+    "label_rows",
     "head_residual",
     "head_gradient",
     "direction_logits",
@@ -22,49 +23,34 @@ __all__ = [
     "script_search",
 ]
 
-# Rows of the ``[3, K]`` tensor returned by :func:`line_stats`.
-LOSS, SLOPE, CURVATURE = 0, 1, 2
-
-
-class HeadGradient(NamedTuple):
-    """The head gradient on the search batch and the scale that turns it into the direction.
-
-    logits:  ``[n, C]`` z0 = h W0^T + b0 (input dtype).
-    residual: ``[n, C]`` (softmax(z0) - onehot(y)) / m, ignored rows zero (accumulation dtype).
-    grad_weight: ``[C, D]`` g_W = residual^T h.   grad_bias: ``[C]`` g_b = colsum(residual) or None.
-    grad_norm: 0-d sqrt(||g_W||^2 + ||g_b||^2).
-    scale: 0-d factor with u = scale * g: 1/||g|| (normalized), 1 (raw), 0 when g = 0.
-    """
-
-    logits: Tensor
-    residual: Tensor
-    grad_weight: Tensor
-    grad_bias: Optional[Tensor]
-    grad_norm: Tensor
-    scale: Tensor
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def count_rows(target: Tensor, ignore_index: int) -> Tensor:
     """0-d int64: the number m of rows whose label is not ``ignore_index``."""
     return (target != ignore_index).sum()
 
 
-def head_residual(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """``[n, C]`` (softmax(z0) - onehot(y)) / max(m, 1), zero on ignored rows."""
-    acc = accumulation_dtype(logits.dtype)
+def label_rows(target: Tensor, classes: int, ignore_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(safe_target ``[n]``, row_weight ``[n]``): what every op does with the labels.
+
+    safe_target: the label where it is in [0, C), else 0 (a safe index to gather).
+    row_weight: 1/max(m, 1) on counted rows (label != ignore_index; m counts them), 0 on ignored rows,
+    NaN on counted rows whose label is outside [0, C): such a label makes the result NaN on every
+    backend (what ``validate=False`` promises), never an out-of-range read.
+    """
     counted = target != ignore_index
-    m = counted.sum().clamp_min(1).to(acc)
+    bad = counted & ((target < 0) | (target >= classes))
+    m = counted.sum().clamp_min(1).to(dtype)
+    row_weight = torch.where(bad, torch.full_like(m, float("nan")), counted.to(dtype) / m)
+    return torch.where(counted & ~bad, target, 0), row_weight
+
+
+def head_residual(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """``[n, C]`` (softmax(z0) - onehot(y)) / max(m, 1), zero on ignored rows (see :func:`label_rows`)."""
+    acc = accumulation_dtype(logits.dtype)
+    safe_target, row_weight = label_rows(target, logits.shape[1], ignore_index, acc)
     residual = torch.softmax(logits.to(acc), dim=1)
-    safe_target = torch.where(counted, target, 0)
-    residual = residual.scatter_add(
-        1, safe_target[:, None], -torch.ones_like(residual[:, :1])
-    )
-    return residual * (counted[:, None].to(acc) / m)
+    residual = residual.scatter_add(1, safe_target[:, None], -torch.ones_like(residual[:, :1]))
+    return residual * row_weight[:, None]
 
 
 def head_gradient(
@@ -117,17 +103,15 @@ def line_stats(
     """``[3, K]``: l(t_k), l'(t_k), l''(t_k) of the mean cross-entropy along z(t) = z0 - t d.
 
     logits z0 ``[n, C]``, direction d ``[n, C]``, target ``[n]``, steps ``[K]``.
-    Means are over the m counted rows (divided by max(m, 1), so all-ignored gives zeros).
+    Means are over the m counted rows (divided by max(m, 1), so all-ignored gives zeros; see :func:`label_rows`).
     Candidates are processed in chunks so that at most ``chunk_elements`` of ``[k, n, C]`` live at once.
     """
     acc = accumulation_dtype(logits.dtype)
     z0 = logits.to(acc)
     d = direction.to(acc)
-    counted = target != ignore_index
-    weight = counted.to(acc) / counted.sum().clamp_min(1).to(acc)
-    safe_target = torch.where(counted, target, 0)[:, None]
-    z0_y = z0.gather(1, safe_target)[:, 0]
-    d_y = d.gather(1, safe_target)[:, 0]
+    safe_target, weight = label_rows(target, z0.shape[1], ignore_index, acc)
+    z0_y = z0.gather(1, safe_target[:, None])[:, 0]
+    d_y = d.gather(1, safe_target[:, None])[:, 0]
     steps = steps.to(device=z0.device, dtype=acc)
     per_chunk = max(1, chunk_elements // max(1, z0.numel()))
     out = []

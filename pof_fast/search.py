@@ -9,8 +9,8 @@ from torch import Tensor
 
 from . import _validate as check
 from . import dispatch
-from .drivers import DIRECTIONS, METHODS, SearchPlan
-from .reference import LOSS
+from ._types import DIRECTIONS, LOSS, METHODS, SearchPlan
+from .drivers import evaluations
 
 __all__ = ["LineSearchResult", "line_losses", "line_search"]
 
@@ -27,8 +27,7 @@ class LineSearchResult:
     grad_norm:        0-d ||g||.
     loss0, loss:      0-d l(0) and l(t*).
     capped:           0-d bool: t* is at ``max_step`` and the loss still falls there.
-    evaluations:      candidate steps the method scores (including t = 0); for newton on ``cpp``/``cuda``
-                      an upper bound (they stop iterating once the outcome is decided).
+    evaluations:      candidate steps the method scores, l(0) included (the same on every backend).
     direction_norm:   0-d ||u|| (1 normalized, ||g|| raw, 0 when g = 0).
     """
 
@@ -43,17 +42,14 @@ class LineSearchResult:
     direction_norm: Tensor
 
 
-def _run(backend: str, device: torch.device, op: str, *args):
-    """Call ``op`` on the chosen backend; ``auto`` falls back to torch if it fails to launch."""
-    chosen = dispatch.resolve(backend, device)
-    try:
-        return getattr(chosen, op)(*args)
-    except (ValueError, TypeError):
-        raise
-    except Exception as exc:
-        if backend != "auto" or chosen.name == "torch":
-            raise
-        return getattr(dispatch.fallback(chosen, exc), op)(*args)
+def _raise_named(floats: dict, target: Tensor, classes: int, ignore_index: int, allow_all_ignored: bool) -> None:
+    """After a failed folded check: name the bad argument (the slow path), or say the values overflowed."""
+    check.data(floats, target, classes, ignore_index, allow_all_ignored=allow_all_ignored)
+    dtypes = sorted({str(v.dtype) for v in floats.values() if v is not None})
+    raise ValueError(
+        f"the search gave a non-finite loss or gradient from finite inputs and valid labels: the logits "
+        f"overflow in {', '.join(dtypes)} (scale the features or the head down, or search in float32)"
+    )
 
 
 def line_losses(
@@ -69,9 +65,11 @@ def line_losses(
     """``[K]`` float32: l(t_k) = mean over counted rows of CE(z0 - t_k d, y).
 
     logits z0 ``[n, C]``, direction_logits d ``[n, C]``, target ``[n]`` int, steps ``[K]``.
-    Any float dtype in; float32 (float64 for float64 input) accumulation. Memory stays
+    Any float dtype in; float32 (float64 for float64 input) accumulation, autocast off. Memory stays
     O(n C): candidates are never broadcast into a ``[K, n, C]`` tensor beyond a fixed chunk.
-    ``validate=False`` skips the data checks (NaN/inf, label range) and their host sync.
+    ``validate=True`` raises a ``ValueError`` naming the argument when an input is NaN/inf, a label is
+    out of range or every label is ignored (one host read of the result); ``validate=False`` skips that
+    read, and such inputs give NaN (labels out of range) or zeros (all ignored).
     """
     check.tensor("logits", logits, 2)
     check.tensor("direction_logits", direction_logits, 2)
@@ -80,14 +78,16 @@ def line_losses(
     if not isinstance(steps, Tensor):
         raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
     check.tensor("steps", steps, 1)
+    check.ignore_index(ignore_index)
     device = check.same_device(logits=logits, direction_logits=direction_logits, target=target, steps=steps)
-    if validate:
-        check.data(
-            {"logits": logits, "direction_logits": direction_logits, "steps": steps},
-            target, logits.shape[1], ignore_index, allow_all_ignored=False,
-        )
-    stats = _run(backend, device, "line_stats", logits, direction_logits, target, steps, ignore_index)
-    return stats[LOSS].float()
+    with torch.autocast(device.type, enabled=False):
+        stats = dispatch.run(backend, device,
+                             lambda b: b.line_stats(logits, direction_logits, target, steps, ignore_index))
+    losses = stats[LOSS].float()
+    if validate and not bool(torch.isfinite(losses).all() & (target != ignore_index).any()):
+        _raise_named({"logits": logits, "direction_logits": direction_logits, "steps": steps},
+                     target, logits.shape[1], ignore_index, allow_all_ignored=False)
+    return losses
 
 
 def line_search(
@@ -113,10 +113,19 @@ def line_search(
     method: ``"newton"`` (exact minimiser of the convex l), ``"bracket_grid"`` (the reference
     script's doubling bracket then a ``partitions``-point grid), ``"grid"`` (``partitions`` points on
     (0, max_step]). direction: ``"normalized"`` u = g/||g|| (the paper) or ``"raw"`` u = g (the
-    script). ``validate=False`` skips the data checks and their one host synchronisation.
-    ``logits_free``: None (default) lets the backend decide whether to store z0 and d ``[n, C]``
-    (the Triton backend stops storing them above n*C = 2**27); True/False forces it where the
+    script). ``logits_free``: None (default) lets the backend decide whether to store z0 and d
+    ``[n, C]`` (the Triton backend stops storing them above n*C = 2**27); True/False forces it where the
     backend has a logits-free path (Triton) and is ignored elsewhere.
+
+    Precision: the search runs with autocast off and accumulates in float32 (float64 for float64
+    inputs). Features and head of different float dtypes are promoted to a common one first
+    (``torch.promote_types``), exactly as if the caller had cast them.
+
+    ``validate=True`` reads one flag of the result (one host read): when l(0) or ||g|| is not finite it
+    finds and names the bad argument (NaN/inf in features, weight or bias; a label outside [0, C) that is
+    not ``ignore_index``) in a ``ValueError``. ``validate=False`` reads nothing (no host synchronisation;
+    required inside a CUDA graph), and a bad label then makes l(0), l(t*), ||g|| and the directions NaN on
+    every backend (never an out-of-range read). Shape, dtype and device errors are always raised.
     """
     check.tensor("features", features, 2)
     check.tensor("weight", weight, 2)
@@ -135,29 +144,29 @@ def line_search(
     check.positive("init_step", init_step)
     check.positive("max_step", max_step)
     check.positive("partitions", partitions, integer=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    device = check.same_device(features=features, weight=weight, bias=bias, target=target)
-    if validate:
-        check.data({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
-                   allow_all_ignored=True)
+    check.ignore_index(ignore_index)
     if logits_free is not None and not isinstance(logits_free, bool):
         raise TypeError(f"logits_free must be None, True or False, got {logits_free!r}")
+    device = check.same_device(features=features, weight=weight, bias=bias, target=target)
+    dtype = torch.promote_types(features.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    h, w, b = (None if x is None else x.to(dtype) for x in (features, weight, bias))
     plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index,
                       logits_free=logits_free)
-    grad, outcome = _run(backend, device, "line_search", features, weight, bias, target, plan)
-    # u = scale * g in place: the backend's gradient is ours (Backend.line_search), and a second [C, D]
-    # buffer would cost 2 GiB on an LM head.
-    bias_direction = grad.grad_bias.mul_(grad.scale) if grad.grad_bias is not None else None
-    has_direction = grad.grad_norm > 0  # g = 0: no direction, so no step whatever the method
+    with torch.autocast(device.type, enabled=False):
+        out = dispatch.run(backend, device, lambda chosen: chosen.line_search(h, w, b, target, plan))
+    if validate and not bool(torch.isfinite(out.loss0) & torch.isfinite(out.grad_norm)):
+        _raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
+                     allow_all_ignored=True)
     return LineSearchResult(
-        step=torch.where(has_direction, outcome.step, torch.zeros_like(outcome.step)),
-        weight_direction=grad.grad_weight.mul_(grad.scale),
-        bias_direction=bias_direction,
-        grad_norm=grad.grad_norm,
-        loss0=outcome.loss0,
-        loss=torch.where(has_direction, outcome.loss, outcome.loss0),
-        capped=outcome.capped & has_direction,
-        evaluations=outcome.evaluations,
-        direction_norm=grad.grad_norm * grad.scale,
+        step=out.step,
+        weight_direction=out.weight_direction,
+        bias_direction=out.bias_direction if bias is not None else None,
+        grad_norm=out.grad_norm,
+        loss0=out.loss0,
+        loss=out.loss,
+        capped=out.capped,
+        evaluations=evaluations(plan),
+        direction_norm=out.direction_norm,
     )

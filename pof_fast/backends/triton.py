@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch, drivers, reference
-from .drivers import SearchOutcome, SearchPlan
-from .reference import HeadGradient
+from .. import drivers, reference
+from .._types import HeadGradient, SearchOutcome, SearchPlan, SearchTensors, accumulation_dtype, assemble
+from .base import Backend, BackendUnavailable, register_search_op
 
 __all__ = ["TritonBackend", "load_kernels", "interpreting", "LOGITS_FREE_ELEMENTS", "RESIDUAL_CHUNK_ELEMENTS"]
 
@@ -36,7 +36,6 @@ LOGITS_FREE_ELEMENTS = 1 << 27
 # fp32 R per chunk); untuned, chosen to bound memory while keeping each g_W += R^T h product large.
 RESIDUAL_CHUNK_ELEMENTS = 1 << 24
 
-_KERNEL_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreting() -> bool:
@@ -50,7 +49,8 @@ def load_kernels() -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     if importlib.util.find_spec(name) is None:
-        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        folder = os.path.join(os.path.dirname(package), "kernels")
         spec = importlib.util.spec_from_file_location(
             name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
         )
@@ -65,10 +65,25 @@ def load_kernels() -> ModuleType:
     return sys.modules[name]
 
 
-class TritonBackend(dispatch.Backend):
-    """Triton kernels behind the :class:`pof_fast.dispatch.Backend` ops.
+def _compile_errors() -> tuple:
+    """Triton's errors that mean its kernels cannot be built for this device (not a runtime failure)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 
-    ``line_search`` stores z0 and d (``[n, C]``) unless n * C > :data:`LOGITS_FREE_ELEMENTS`, or
+    errors = [CompilationError, OutOfResources]
+    try:
+        from triton.runtime.errors import PTXASError
+        errors.append(PTXASError)
+    except ImportError:  # older Triton has no PTXASError
+        pass
+    return tuple(errors)
+
+
+@register_search_op
+class TritonBackend(Backend):
+    """Triton kernels behind the :class:`pof_fast.backends.base.Backend` ops.
+
+    ``compose`` stores z0 and d (``[n, C]``) unless n * C > :data:`LOGITS_FREE_ELEMENTS`, or
     ``plan.logits_free=True`` forces it (``False`` forbids it); the logits-free path returns a
     ``HeadGradient`` whose ``logits`` and ``residual`` are None.
     """
@@ -92,7 +107,7 @@ class TritonBackend(dispatch.Backend):
     def line_stats(
         self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
     ) -> Tensor:
-        if logits.dtype not in _KERNEL_TYPES or direction.dtype not in _KERNEL_TYPES:
+        if logits.dtype not in load_kernels().line_stats.FLOAT_DTYPES or direction.dtype not in load_kernels().line_stats.FLOAT_DTYPES:
             return super().line_stats(logits, direction, target, steps, ignore_index)
         return load_kernels().line_stats.line_stats(logits, direction, target, steps, ignore_index)
 
@@ -101,7 +116,7 @@ class TritonBackend(dispatch.Backend):
         ignore_index: int, normalized: bool,
     ) -> HeadGradient:
         """z0 and g_W by cuBLAS; R, g_b, ||g|| and the scale by the fused kernels (no host sync)."""
-        if features.dtype not in _KERNEL_TYPES or weight.dtype != features.dtype:
+        if features.dtype not in load_kernels().line_stats.FLOAT_DTYPES or weight.dtype != features.dtype:
             return super().head_gradient(features, weight, bias, target, ignore_index, normalized)
         k = load_kernels()
         logits = F.linear(features, weight, bias)
@@ -133,12 +148,24 @@ class TritonBackend(dispatch.Backend):
             d = h @ grad.grad_weight.t()
         return d + grad.grad_bias if grad.grad_bias is not None else d
 
-    def line_search(
+    def compose(
+        self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
+    ) -> SearchTensors:
+        """Gradient then the plan's driver (the direction scale applied inside the kernels), assembled.
+
+        A kernel Triton cannot build for this device raises :class:`BackendUnavailable`.
+        """
+        try:
+            return assemble(*self._search(features, weight, bias, target, plan))
+        except _compile_errors() as exc:
+            raise BackendUnavailable(f"Triton cannot build its kernels here ({type(exc).__name__}: {exc})") from exc
+
+    def _search(
         self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
     ) -> tuple[HeadGradient, SearchOutcome]:
-        """Gradient then the plan's driver; the direction scale is applied inside the kernels."""
-        if features.dtype not in _KERNEL_TYPES or weight.dtype != features.dtype:
-            return super().line_search(features, weight, bias, target, plan)
+        if features.dtype not in load_kernels().line_stats.FLOAT_DTYPES or weight.dtype != features.dtype:
+            grad = self.head_gradient(features, weight, bias, target, plan.ignore_index, plan.normalized)
+            return grad, self.search(grad.logits, self.direction_logits(features, grad), target, plan)
         logits_free = plan.logits_free
         if logits_free is None:
             logits_free = features.shape[0] * weight.shape[0] > LOGITS_FREE_ELEMENTS
@@ -151,7 +178,7 @@ class TritonBackend(dispatch.Backend):
         def stats(steps: Tensor) -> Tensor:
             return scorer(grad.logits, direction, target, steps, plan.ignore_index, scale=grad.scale)
 
-        return grad, drivers.run(stats, plan, features.device)
+        return grad, drivers.run(stats, plan, features.device, accumulation_dtype(features.dtype))
 
     def _line_search_logits_free(
         self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
@@ -185,5 +212,5 @@ class TritonBackend(dispatch.Backend):
         def stats(steps: Tensor) -> Tensor:
             return scorer(features, weight, bias, rounded, grad_bias, scale, target, steps, plan.ignore_index)
 
-        return grad, drivers.run(stats, plan, features.device)
+        return grad, drivers.run(stats, plan, features.device, accumulation_dtype(features.dtype))
 

@@ -1,8 +1,10 @@
 """Backends on the compiled extension ``pof_fast._C`` (csrc/): ``"cpp"`` (CPU) and ``"cuda"``.
 
-Each op is one native call: ``line_stats``, ``head_gradient`` (z0, fused residual, g_W, g_b,
-||g||, scale), ``direction_logits`` and ``search`` (the whole bracket_grid/grid/newton search,
-no Python per candidate). The extension is loaded through :mod:`pof_fast._ext` only.
+The whole search is one native op, ``torch.ops.pof_fast.line_search`` (csrc/line_search.cpp): z0, the
+fused residual, g_W, g_b, ||g||, d, the bracket_grid/grid/newton driver and the result assembly, with
+no Python in between. The parts are ops too (``line_stats``, ``head_gradient``, ``direction_logits``,
+``search``) for the benchmarks' floors and the tests. The extension is loaded through
+:mod:`pof_fast._ext` only.
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _ext
-from .dispatch import Backend
-from .drivers import SearchOutcome, SearchPlan, evaluations
-from .reference import HeadGradient
+from .. import _ext
+from .._types import HeadGradient, SearchOutcome, SearchPlan, SearchTensors
+from .base import Backend, BackendUnavailable
 
 __all__ = ["CppBackend", "CudaBackend"]
 
@@ -24,6 +25,10 @@ class CppBackend(Backend):
 
     name = "cpp"
     device_type = "cpu"
+
+    @property
+    def op(self):  # type: ignore[override]
+        return _ext.ops().line_search
 
     def status(self) -> Union[bool, str]:
         if not _ext.available():
@@ -51,15 +56,14 @@ class CppBackend(Backend):
         return _ext.ops().direction_logits(features, grad.grad_weight, grad.grad_bias, grad.scale, grad.residual)
 
     def search(self, logits: Tensor, direction: Tensor, target: Tensor, plan: SearchPlan) -> SearchOutcome:
-        step, loss0, loss, capped = _ext.ops().search(
+        return SearchOutcome(*_ext.ops().search(
             logits, direction, target, plan.method, plan.init_step, plan.max_step, plan.partitions,
             plan.ignore_index, plan.newton_iterations, plan.newton_points,
-        )
-        return SearchOutcome(step, loss0, loss, capped, evaluations(plan))
+        ))
 
 
 class CudaBackend(CppBackend):
-    """The compiled CUDA kernels: warp-per-row scoring and the whole search in one launch."""
+    """The compiled CUDA kernels: warp-per-row scoring and the whole search driver in one launch."""
 
     name = "cuda"
     device_type = "cuda"
@@ -74,3 +78,13 @@ class CudaBackend(CppBackend):
             return "no GPU"
         return True
 
+    def line_search(
+        self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
+    ) -> SearchTensors:
+        """The native op; a GPU the extension was not compiled for makes the backend unavailable."""
+        try:
+            return super().line_search(features, weight, bias, target, plan)
+        except RuntimeError as exc:
+            if "no kernel image is available" in str(exc):
+                raise BackendUnavailable(f"the extension has no kernels for this GPU ({exc})") from exc
+            raise
