@@ -4,9 +4,12 @@
 on the first call that needs them.
 """
 from .dispatch import backends
+from .graph import CapturedSearch
+from .norm import frozen_norm_stats
 from .optim import PoF, PoFStats
 from .search import LineSearchResult, line_losses, line_search
 
 __version__ = "0.1.0"
 
-__all__ = ["PoF", "PoFStats", "LineSearchResult", "backends", "line_losses", "line_search", "__version__"]
+__all__ = ["PoF", "PoFStats", "LineSearchResult", "CapturedSearch", "backends", "frozen_norm_stats", "line_losses",
+           "line_search", "__version__"]

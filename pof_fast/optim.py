@@ -6,21 +6,29 @@ steps the base optimizer on the feature extractor and restores the head to theta
 """
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Type
 
 import torch
 from torch import Tensor, nn
+from torch.optim import optimizer as torch_optimizer
 
 from . import _validate as check
+from . import dispatch
 from ._types import DIRECTIONS, METHODS
+from .gamma import GammaSampler
+from .graph import CapturedSearch
+from .norm import frozen_norm_stats
 from .search import LineSearchResult, line_search
 
 __all__ = ["PoF", "PoFStats"]
 
 GAMMA_SAMPLING = ("uniform", "fixed")
 ON_CAPPED = ("skip", "clip")
+SUMMARY_KEYS = ("step", "gamma", "perturbation_norm", "grad_norm", "loss0", "loss", "capped_rate", "skipped_rate")
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class PoFStats:
     """
 
     step: Tensor
-    gamma: float
+    gamma: Tensor
     applied_step: Tensor
     perturbation_norm: Tensor
     grad_norm: Tensor
@@ -42,6 +50,47 @@ class PoFStats:
     capped: Tensor
     skipped: Tensor
 
+    def values(self) -> Tensor:
+        """``[8]`` float64, in the order of the summary keys."""
+        return torch.stack([
+            self.step.double(), self.gamma.double(), self.perturbation_norm.double(), self.grad_norm.double(),
+            self.loss0.double(), self.loss.double(), self.capped.double(), self.skipped.double(),
+        ])
+
+
+@dataclass
+class _Telemetry:
+    """PoF's mutable record, one object: framework wrappers that copy an optimizer's ``__dict__``
+    (Lightning's ``LightningOptimizer``) then still write into and read from the user's PoF.
+
+    sums ``[8]`` float64 (the summary keys) and counts ``[2]`` int64 (perturbations, optimizer steps) live on
+    the head's device and are updated in place: no host sync, and one compiled graph whatever the count.
+    """
+
+    sums: Tensor
+    counts: Tensor
+    last: Optional[PoFStats] = None
+    captured: Dict[Any, CapturedSearch] = field(default_factory=dict)
+
+
+def _check_head(head: object) -> nn.Linear:
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
+    # weight_norm / spectral_norm / torch.nn.utils.parametrize: head.weight is computed from other
+    # parameters, so writing theta0 - gamma t u into it would not perturb the head that runs.
+    if not isinstance(head._parameters.get("weight"), nn.Parameter) or any(
+        type(hook).__name__ in ("WeightNorm", "SpectralNorm") for hook in head._forward_pre_hooks.values()
+    ):
+        raise ValueError(
+            "head's weight is computed from other parameters (weight_norm, spectral_norm or a parametrization): "
+            "PoF perturbs the weight itself. Remove the reparametrization first, e.g. "
+            "torch.nn.utils.parametrize.remove_parametrizations(head, 'weight') or torch.nn.utils.remove_weight_norm(head)"
+        )
+    for name, p in head.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"head.{name} contains NaN or inf: theta0 must be a trained, finite head")
+    return head
+
 
 class PoF(torch.optim.Optimizer):
     """Wraps a base optimizer for PoF post-training (Sato et al., ICML 2022).
@@ -49,9 +98,12 @@ class PoF(torch.optim.Optimizer):
     Args:
         params: the feature extractor's parameters (or param groups). Must not include the head's.
         base_optimizer: a ``torch.optim.Optimizer`` class, built on our ``param_groups`` with
-            ``**base_kwargs`` so schedulers and grad scalers see one optimizer.
-        head: the trained ``nn.Linear`` head; theta0 = its weight and bias at construction. Its
-            parameters are frozen (``requires_grad=False``): PoF never trains the head.
+            ``**base_kwargs`` so schedulers and grad scalers see one optimizer. Closure-driven bases
+            (``LBFGS``) get ``step(closure)``'s closure; SAM-style bases that take a ``base_optimizer``
+            of their own get it from ``base_kwargs`` (pass PoF's base positionally).
+        head: the trained ``nn.Linear`` head. theta0 is its weight and bias **at construction** (load the
+            trained weights first, or call :meth:`retake_theta0` after loading). Its parameters are frozen
+            (see ``freeze_head``) and their stale ``.grad`` cleared: PoF never trains the head.
         gamma: perturbation factor (the paper: 2).
         gamma_sampling: ``"uniform"`` (default) draws the factor from U(0, gamma) at every step as
             the reference script does; ``"fixed"`` uses ``gamma`` itself as the poster's formula
@@ -59,18 +111,24 @@ class PoF(torch.optim.Optimizer):
             digits data, fixed gamma = 2 made t* grow step after step (the features drift away
             from what theta0 fits) until test error rose from ~3% to 25-30%, at post-training
             learning rates from 1e-4 (over 100 epochs) to 5e-3; uniform sampling stayed stable.
-        method, direction, init_step, max_step, partitions, ignore_index, backend: passed to
-            :func:`pof_fast.line_search`.
+        method, direction, init_step, max_step, partitions, ignore_index, backend, validate: passed to
+            :func:`pof_fast.line_search` (``backend`` is checked here).
         on_capped: ``"skip"`` applies no perturbation when the search was capped (as the reference
             multi-GPU script rejects such steps); ``"clip"`` perturbs with t* = max_step.
-        seed: seed of the generator that draws gamma (a random one when None).
-        validate: check the search batch for NaN/inf and bad labels (one host sync per step).
+        seed: seed of PoF's own gamma stream (a fresh random one when None; torch's global RNG is never used).
+        cuda_graph: run each search as a CUDA graph replay (captured once per search-batch shape; the head
+            must be on a CUDA device; implies no data checks inside the graph, see :class:`CapturedSearch`).
+        freeze_head: set the head's ``requires_grad`` to False. None (default): True unless
+            ``torch.distributed`` is initialized, where a ``DistributedDataParallel`` built before PoF
+            would wait for the head's gradients; then the head keeps ``requires_grad`` and PoF drops its
+            gradients at every step. Build PoF before DDP and pass True to save that work.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: Type[torch.optim.Optimizer],
+        base_optimizer: Optional[Type[torch.optim.Optimizer]] = None,
+        /,
         *,
         head: nn.Linear,
         gamma: float = 2.0,
@@ -85,12 +143,15 @@ class PoF(torch.optim.Optimizer):
         backend: str = "auto",
         seed: Optional[int] = None,
         validate: bool = True,
+        cuda_graph: bool = False,
+        freeze_head: Optional[bool] = None,
         **base_kwargs: Any,
     ) -> None:
+        if base_optimizer is None:  # PoF(params, base_optimizer=SGD, ...)
+            base_optimizer = base_kwargs.pop("base_optimizer", None)
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), got {base_optimizer!r}")
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
+        head = _check_head(head)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 <= gamma < math.inf):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         check.choice("gamma_sampling", gamma_sampling, GAMMA_SAMPLING)
@@ -100,44 +161,92 @@ class PoF(torch.optim.Optimizer):
         check.positive("init_step", init_step)
         check.positive("max_step", max_step)
         check.positive("partitions", partitions, integer=True)
+        check.ignore_index(ignore_index)
+        dispatch.check_backend(backend)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if cuda_graph and head.weight.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the head on a CUDA device, it is on {head.weight.device}")
         super().__init__(params, dict(base_kwargs))
         head_ids = {id(p) for p in head.parameters()}
         if any(id(p) in head_ids for group in self.param_groups for p in group["params"]):
-            raise ValueError("params must not include the head's parameters: PoF keeps the head fixed at theta0")
+            raise ValueError(
+                "params must not include the head's parameters: PoF keeps the head fixed at theta0 "
+                "(a head whose weight is tied to an embedding of the feature extractor cannot be kept fixed: untie it)"
+            )
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self._share_base_state()
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+        # GradScaler hands grad_scale/found_inf to step() (no host read to skip a step) when this is True.
+        self._step_supports_amp_scaling = True
+        self._base_fused_scaling = bool(getattr(self.base_optimizer, "_step_supports_amp_scaling", False))
+        closure = inspect.signature(self.base_optimizer.step).parameters.get("closure")
+        self._base_needs_closure = closure is not None and closure.default is inspect.Parameter.empty
 
-        self.head = head.requires_grad_(False)
+        if freeze_head is None:
+            freeze_head = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.freeze_head = bool(freeze_head)
+        self.head = head
+        for p in head.parameters():
+            p.grad = None
+            if self.freeze_head:
+                p.requires_grad_(False)
         self.theta0_weight = head.weight.detach().clone()
         self.theta0_bias = head.bias.detach().clone() if head.bias is not None else None
         self.gamma = float(gamma)
         self.gamma_sampling = gamma_sampling
         self.on_capped = on_capped
+        self.cuda_graph = bool(cuda_graph)
         self.search_kwargs = dict(
             method=method, direction=direction, init_step=init_step, max_step=max_step,
             partitions=partitions, ignore_index=ignore_index, backend=backend, validate=validate,
         )
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        self.last: Optional[PoFStats] = None
-        self.reset_summary()
+        self.gamma_sampler = GammaSampler(seed if seed is not None else secrets.randbits(63), head.weight.device)
+        device = head.weight.device
+        self._telemetry = _Telemetry(torch.zeros(8, dtype=torch.float64, device=device),
+                                     torch.zeros(2, dtype=torch.int64, device=device))
 
-    def _share_base_state(self) -> None:
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+    # -- theta0 ---------------------------------------------------------------------------------------
 
-    def _gamma_factor(self) -> float:
-        if self.gamma_sampling == "fixed":
-            return self.gamma
-        return self.gamma * float(torch.rand((), generator=self.generator))
+    @torch.no_grad()
+    def retake_theta0(self) -> None:
+        """Take theta0 anew from the head as it is now (e.g. after ``model.load_state_dict(trained)``)."""
+        _check_head(self.head)
+        self.theta0_weight.copy_(self.head.weight)
+        if self.theta0_bias is not None:
+            self.theta0_bias.copy_(self.head.bias)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Set the head back to theta0, bit-exactly."""
+        self.head.weight.copy_(self.theta0_weight)
+        if self.theta0_bias is not None:
+            self.head.bias.copy_(self.theta0_bias)
+
+    # -- one PoF step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def search_features(self, extractor: nn.Module, *inputs: Any, norm_stats: str = "frozen") -> Tensor:
+        """``extractor(*inputs)`` for the search batch, without gradients.
+
+        norm_stats: ``"frozen"`` (default): BatchNorm-style layers normalise with the batch's statistics
+        as in training but their running statistics do not move (see :func:`pof_fast.frozen_norm_stats`);
+        ``"update"``: they move, as the reference script's train-mode search forward does.
+        """
+        check.choice("norm_stats", norm_stats, ("frozen", "update"))
+        if norm_stats == "update":
+            return extractor(*inputs)
+        with frozen_norm_stats(extractor):
+            return extractor(*inputs)
 
     @torch.no_grad()
     def perturb(self, search_features: Tensor, search_target: Tensor) -> LineSearchResult:
         """Search along the normalised head gradient of the search batch and perturb the head.
 
-        search_features: ``[n, D]`` phi(x_s), computed by the caller (gradients are not needed).
+        search_features: ``[n, D]`` phi(x_s), any float dtype (promoted to the head's; no gradient needed).
         search_target: ``[n]`` labels. Sets the head to theta0 - gamma * t* * u; returns the search.
+        Call it once per optimizer step (with gradient accumulation: once, before the micro-batches).
         """
         check.tensor("search_features", search_features, 2)
         if search_features.shape[1] != self.theta0_weight.shape[1]:
@@ -145,14 +254,11 @@ class PoF(torch.optim.Optimizer):
                 f"search_features must have shape [n, {self.theta0_weight.shape[1]}] (the head's in_features), "
                 f"got {list(search_features.shape)}"
             )
-        result = line_search(
-            search_features.detach(), self.theta0_weight, self.theta0_bias, search_target, **self.search_kwargs
-        )
-        factor = self._gamma_factor()
-        max_step = torch.full_like(result.step, self.search_kwargs["max_step"])
-        capped_step = max_step if self.on_capped == "clip" else torch.zeros_like(result.step)
+        result = self._search(search_features.detach(), search_target)
+        factor = self.gamma_sampler.draw(self.gamma, self.gamma_sampling == "uniform")
+        capped_step = torch.full_like(result.step, self.search_kwargs["max_step"] if self.on_capped == "clip" else 0.0)
         applied = torch.where(result.capped, capped_step, result.step)
-        coef = factor * applied
+        coef = factor.to(applied.dtype) * applied
         self.head.weight.copy_(self.theta0_weight - coef * result.weight_direction)
         if self.theta0_bias is not None:
             self.head.bias.copy_(self.theta0_bias - coef * result.bias_direction)
@@ -162,75 +268,131 @@ class PoF(torch.optim.Optimizer):
             loss0=result.loss0, loss=result.loss, capped=result.capped,
             skipped=result.capped & (self.on_capped == "skip"),
         )
-        self._record(stats)
+        record = self._telemetry
+        record.last = stats
+        record.sums.add_(stats.values())
+        record.counts[0] += 1
         return result
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Set the head back to theta0, bit-exactly."""
-        self.head.weight.copy_(self.theta0_weight)
-        if self.theta0_bias is not None:
-            self.head.bias.copy_(self.theta0_bias)
+    def _search(self, features: Tensor, target: Tensor) -> LineSearchResult:
+        if not self.cuda_graph:
+            return line_search(features, self.theta0_weight, self.theta0_bias, target, **self.search_kwargs)
+        key = (tuple(features.shape), features.dtype, features.device, target.dtype)
+        captured = self._telemetry.captured.get(key)
+        if captured is None:
+            kwargs = {k: v for k, v in self.search_kwargs.items() if k != "validate"}
+            captured = CapturedSearch(features, self.theta0_weight, self.theta0_bias, target, **kwargs)
+            self._telemetry.captured[key] = captured
+        return captured(features, target)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """One base-optimizer step on the feature extractor, then the head back to theta0.
 
         ``closure``, if given, recomputes the training loss through the perturbed head and calls
-        ``backward()``; it runs with gradients enabled before the base step.
+        ``backward()``; it is handed to the base optimizer's ``step`` (which may call it several times,
+        as LBFGS does). Under a ``GradScaler`` (``scaler.step(opt)``), gradients are unscaled once and a
+        step with inf/NaN gradients is skipped; the head is back at theta0 after every step, taken or
+        skipped.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.base_optimizer.step()
-        self.restore()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        try:
+            if closure is None and self._base_needs_closure:
+                raise TypeError(
+                    f"{type(self.base_optimizer).__name__} needs a closure: call opt.step(closure) with a closure "
+                    "that recomputes the training loss through the perturbed head and calls backward()"
+                )
+            if not self.freeze_head:
+                for p in self.head.parameters():
+                    p.grad = None
+            if found_inf is None:
+                loss = self.base_optimizer.step(closure) if closure is not None else self._base_step()
+            elif self._base_fused_scaling:  # the base unscales and skips on the device: no host read
+                self.base_optimizer.grad_scale, self.base_optimizer.found_inf = grad_scale, found_inf
+                try:
+                    loss = self.base_optimizer.step()
+                finally:
+                    del self.base_optimizer.grad_scale, self.base_optimizer.found_inf
+            else:  # GradScaler's own rule for plain optimizers: one host read of found_inf
+                loss = None
+                if grad_scale is not None:
+                    grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                    if grads:
+                        torch._foreach_mul_(grads, grad_scale.double().reciprocal().float().to(grads[0].device))
+                if not bool(found_inf):
+                    loss = self.base_optimizer.step()
+        finally:
+            self.restore()
+        self._telemetry.counts[1] += 1
         return loss
 
-    def _record(self, stats: PoFStats) -> None:
-        self.last = stats
-        values = torch.stack([
-            stats.step.double(), torch.tensor(stats.gamma, dtype=torch.float64, device=stats.step.device),
-            stats.perturbation_norm.double(), stats.grad_norm.double(), stats.loss0.double(),
-            stats.loss.double(), stats.capped.double(), stats.skipped.double(),
-        ])
-        self._sums = values if self._sums is None else self._sums + values
-        self._count += 1
+    def _base_step(self) -> Optional[Tensor]:
+        """The base optimizer's step; under ``torch.compile`` traced as part of the caller's graph.
+
+        torch.optim wraps every ``step`` in ``_use_grad_for_differentiable``, which breaks the graph on
+        purpose on both sides of the step. While compiling, and when no step hook is registered (hooks run
+        in the wrapper), PoF calls the step's own body under ``torch.no_grad()`` instead: the same update
+        with no graph break.
+        """
+        base = self.base_optimizer
+        hooks = (base._optimizer_step_pre_hooks, base._optimizer_step_post_hooks,
+                 torch_optimizer._global_optimizer_pre_hooks, torch_optimizer._global_optimizer_post_hooks)
+        if not torch.compiler.is_compiling() or base.defaults.get("differentiable", False) or any(hooks):
+            return base.step()
+        body = type(base).step
+        while hasattr(body, "__wrapped__"):
+            body = body.__wrapped__
+        with torch.no_grad():
+            return body(base)
+
+    # -- telemetry ------------------------------------------------------------------------------------
+
+    @property
+    def last(self) -> Optional[PoFStats]:
+        """The last perturbation's :class:`PoFStats` (None before the first)."""
+        return self._telemetry.last
 
     def reset_summary(self) -> None:
         """Start a new running summary (e.g. at every epoch)."""
-        self._sums: Optional[Tensor] = None
-        self._count = 0
+        self._telemetry.sums.zero_()
+        self._telemetry.counts.zero_()
 
     def summary(self) -> Dict[str, float]:
-        """Means since the last :meth:`reset_summary` (one host sync): t*, gamma, perturbation
-        norm, grad norm, loss0, loss, and the capped and skipped rates; plus ``steps``."""
-        keys = ("step", "gamma", "perturbation_norm", "grad_norm", "loss0", "loss", "capped_rate", "skipped_rate")
-        if self._sums is None:
-            return {"steps": 0, **{k: float("nan") for k in keys}}
-        means = (self._sums / self._count).tolist()
-        return {"steps": self._count, **dict(zip(keys, means))}
+        """Means over the perturbations since the last :meth:`reset_summary` (one host sync): t*, gamma,
+        perturbation norm, grad norm, loss0, loss, and the capped and skipped rates; ``steps`` counts
+        optimizer steps and ``perturbations`` searches."""
+        record = self._telemetry
+        perturbations, steps = record.counts.tolist()
+        means = (record.sums / perturbations).tolist() if perturbations else [float("nan")] * len(SUMMARY_KEYS)
+        return {"steps": steps, "perturbations": perturbations, **dict(zip(SUMMARY_KEYS, means))}
+
+    # -- checkpoints ----------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The base optimizer's state, theta0, and the state of the generator that draws gamma."""
+        """The base optimizer's state, theta0, and the state of the gamma stream."""
         return {
             "base": self.base_optimizer.state_dict(),
             "theta0_weight": self.theta0_weight.clone(),
             "theta0_bias": None if self.theta0_bias is None else self.theta0_bias.clone(),
-            "generator": self.generator.get_state(),
+            "gamma_stream": self.gamma_sampler.state(),
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the head is set to the loaded theta0."""
-        missing = {"base", "theta0_weight", "theta0_bias", "generator"} - set(state_dict)
+        """Restore what :meth:`state_dict` saved; the head is set to the loaded theta0 (checked once, here)."""
+        missing = {"base", "theta0_weight", "theta0_bias", "gamma_stream"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}: was it saved by pof_fast.PoF?")
         if (state_dict["theta0_bias"] is None) != (self.theta0_bias is None):
             raise ValueError("state_dict: the saved head and this head differ in having a bias")
         check.shape("state_dict['theta0_weight']", state_dict["theta0_weight"], tuple(self.theta0_weight.shape), "the head's weight")
+        for name in ("theta0_weight", "theta0_bias"):
+            if state_dict[name] is not None and not torch.isfinite(state_dict[name]).all():
+                raise ValueError(f"state_dict['{name}'] contains NaN or inf")
         self.base_optimizer.load_state_dict(state_dict["base"])
-        self._share_base_state()
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         self.theta0_weight.copy_(state_dict["theta0_weight"])
         if self.theta0_bias is not None:
             self.theta0_bias.copy_(state_dict["theta0_bias"])
-        self.generator.set_state(state_dict["generator"])
+        self.gamma_sampler.load_state(state_dict["gamma_stream"])
         self.restore()

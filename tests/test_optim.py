@@ -43,7 +43,7 @@ def test_perturb_sets_head_to_theta0_minus_gamma_t_u(bias, sampling):
         hs = phi(xs)
     res = opt.perturb(hs, ys)
     _, gw, gb, norm = oracle.head_gradient(hs, w0, b0, ys)
-    factor = opt.last.gamma
+    factor = opt.last.gamma.item()
     assert factor == 2.0 if sampling == "fixed" else 0.0 <= factor < 2.0
     t = res.step.item()
     assert t > 0 and not bool(res.capped)
@@ -116,7 +116,7 @@ def test_state_dict_round_trip():
     opt2.load_state_dict(saved)
     assert torch.equal(head2.weight, head.weight) and torch.equal(head2.bias, head.bias)
     res_b, *_ = pof_step(opt2, phi2, head2, 1)
-    assert opt2.last.gamma == opt.last.gamma
+    assert torch.equal(opt2.last.gamma, opt.last.gamma)
     assert torch.equal(res_a.step, res_b.step)
     assert all(torch.equal(p, q) for p, q in zip(after_a, phi2.parameters()))
     assert opt2.param_groups is opt2.base_optimizer.param_groups
