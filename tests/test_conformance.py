@@ -1,0 +1,183 @@
+"""One conformance suite for the search specification, run against every backend.
+
+Every method (bracket_grid, grid, newton) on regular problems, a capped line, g = 0 (every label
+ignored), ties (a flat line), and the exact count of scored candidates, each against the float64
+oracles of ``oracle.py`` (autograd head gradient, float64 cross-entropy one candidate at a time, the
+script's loop). ``triton`` runs in Triton's interpreter on a CPU-only machine; ``cuda`` needs a GPU.
+"""
+import math
+
+import pytest
+import torch
+
+import oracle
+import pof_fast
+from pof_fast import dispatch
+from pof_fast._types import SearchPlan
+from problems import head_problem, line_problem
+
+GPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("cpp", "cpu", id="cpp"),
+    pytest.param("triton", GPU, id="triton", marks=pytest.mark.triton),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+]
+PROBLEMS = [dict(n=37, dim=16, classes=7, spread=1.0), dict(n=64, dim=32, classes=100, spread=3.0)]
+
+
+@pytest.fixture
+def backend(request):
+    return request.param
+
+
+def use(name):
+    loaded = dispatch.load(name)
+    if not isinstance(loaded, dispatch.Backend):
+        pytest.fail(f"backend {name!r} unavailable here: {loaded}")
+    return loaded
+
+
+def oracle_line(h, w, b, y, normalized):
+    """float64 (z0, d, ||g||, g_W, g_b) along u = g/||g|| or g."""
+    z0, g_w, g_b, norm = oracle.head_gradient(h.cpu(), w.cpu(), None if b is None else b.cpu(), y.cpu())
+    scale = (1.0 / norm if normalized else 1.0) if norm > 0 else 0.0
+    return z0, oracle.direction(h.cpu(), g_w, g_b, scale), norm, g_w * scale, None if g_b is None else g_b * scale
+
+
+def expected_evaluations(method, init=1.0, cap=100.0, partitions=16, rounds=8, points=8):
+    """Candidates the specification scores, l(0) included, counted from its definition."""
+    if method == "newton":
+        return 2 + rounds * points
+    if method == "grid":
+        return 1 + partitions
+    doublings = 1 + max(0, math.ceil(math.log2(cap / init)) - 1)  # init * 2^k < cap, the first always scored
+    return 1 + doublings + partitions
+
+
+def float64_grid(z0, d, y, end, partitions=16):
+    """(first argmin of the float64 losses on end*k/P, the losses)."""
+    grid = [end * k / partitions for k in range(1, partitions + 1)]
+    losses = [oracle.line_loss(z0, d, y, t) for t in grid]
+    return grid[min(range(partitions), key=losses.__getitem__)], losses
+
+
+def assert_grid_choice(got, want, losses, grid_end, partitions=16):
+    """``got`` is ``want`` or a grid point whose float64 loss ties it within float32 noise."""
+    if got == pytest.approx(want, rel=1e-6):
+        return
+    k = round(got / grid_end * partitions) - 1
+    assert 0 <= k < partitions and got == pytest.approx(grid_end * (k + 1) / partitions, rel=1e-6), got
+    best = min(losses)
+    assert losses[k] - best <= 1e-6 * max(1.0, abs(best)), (got, want, losses[k], best)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("size", PROBLEMS, ids=["small", "C100"])
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_every_method_matches_the_float64_oracle(name, device, size, bias):
+    use(name)
+    h, w, b, y = head_problem(**size, bias=bias, ignore_every=5, seed=11, device=device)
+    for method, direction in (("bracket_grid", "raw"), ("grid", "normalized"), ("newton", "normalized")):
+        normalized = direction == "normalized"
+        z0, d, norm, u_w, u_b = oracle_line(h, w, b, y, normalized)
+        got = pof_fast.line_search(h, w, b, y, method=method, direction=direction, backend=name)
+        what = f"{name} {method}"
+        assert got.evaluations == expected_evaluations(method), what
+        assert got.grad_norm.item() == pytest.approx(norm, rel=1e-5), what
+        oracle.assert_close(got.weight_direction, u_w, atol=1e-6, rtol=1e-4, what=what)
+        if bias:
+            oracle.assert_close(got.bias_direction, u_b, atol=1e-6, rtol=1e-4, what=what)
+        else:
+            assert got.bias_direction is None
+        assert got.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y.cpu(), 0.0), rel=1e-5), what
+        t = got.step.item()
+        assert got.loss.item() == pytest.approx(oracle.line_loss(z0, d, y.cpu(), t), rel=1e-4, abs=1e-6), what
+        if method == "bracket_grid":
+            want, _ = oracle.script_search(z0, d, y.cpu())
+            end = bracket_end(z0, d, y.cpu())
+            _, losses = float64_grid(z0, d, y.cpu(), end)
+            assert_grid_choice(t, want, losses, end)
+        elif method == "grid":
+            want, losses = float64_grid(z0, d, y.cpu(), 100.0)
+            assert_grid_choice(t, want, losses, 100.0)
+        else:
+            falls_at_cap = oracle.line_derivatives(z0, d, y.cpu(), 100.0)[1] < 0
+            assert bool(got.capped) == falls_at_cap, what
+            if falls_at_cap:
+                assert t == 100.0, what
+            else:  # the float64 slope vanishes at t*, up to float32 rounding of the scorer
+                _, slope, curvature = oracle.line_derivatives(z0, d, y.cpu(), t)
+                assert abs(slope) <= 1e-4 * max(1.0, curvature * max(t, 1.0)), (what, t, slope, curvature)
+
+
+def bracket_end(z0, d, y, init=1.0, cap=100.0):
+    """The script's bracket end, float64, one candidate at a time."""
+    base, t = oracle.line_loss(z0, d, y, 0.0), init
+    while oracle.line_loss(z0, d, y, t) <= base:
+        t *= 2.0
+        if t >= cap:
+            break
+    return t
+
+
+def separable(device):
+    """Each row's features point at its own class: the loss falls for ever along -g (a capped line)."""
+    h = torch.eye(6, device=device).repeat(4, 1)
+    w = torch.zeros(6, 6, device=device)
+    return h, w, torch.zeros(6, device=device), torch.arange(6, device=device).repeat(4)
+
+
+@pytest.mark.parametrize("method", ["newton", "grid", "bracket_grid"])
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_a_line_that_falls_for_ever_is_capped_at_max_step(name, device, method):
+    use(name)
+    h, w, b, y = separable(device)
+    got = pof_fast.line_search(h, w, b, y, method=method, max_step=2.0, backend=name)
+    z0, d, *_ = oracle_line(h, w, b, y, True)
+    end = 2.0  # the bracket too: its doubling from init = 1 stops at 2 >= max_step
+    assert oracle.line_derivatives(z0, d, y.cpu(), end)[1] < 0  # float64: still falling at the cap
+    assert got.step.item() == end and bool(got.capped)
+    assert got.loss.item() == pytest.approx(oracle.line_loss(z0, d, y.cpu(), end), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["newton", "grid", "bracket_grid"])
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_every_label_ignored_gives_no_step(name, device, method):
+    use(name)
+    h, w, b, y = head_problem(12, 5, 4, seed=2, device=device)
+    y = torch.full_like(y, -100)
+    got = pof_fast.line_search(h, w, b, y, method=method, backend=name)
+    assert got.step.item() == 0.0 and not bool(got.capped)
+    assert got.grad_norm.item() == 0.0 and got.direction_norm.item() == 0.0
+    assert not got.weight_direction.any() and not got.bias_direction.any()
+    assert got.loss0.item() == 0.0 and got.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_a_flat_line_ties_everywhere_and_the_first_candidate_wins(name, device):
+    """d = 0: l(t) = l(0) for every t, so no candidate rises (the rise is strict) and every grid loss ties."""
+    backend = use(name)
+    z0, _, y = line_problem(9, 5, seed=3, ignore_every=4, device=device)
+    d = torch.zeros_like(z0)
+    want_bracket, _ = oracle.script_search(z0.cpu(), d.cpu(), y.cpu())  # the script: first of the tied grid
+    expected = {"bracket_grid": want_bracket, "grid": 100.0 / 16, "newton": 0.0}  # newton: no descent at 0
+    for method, want in expected.items():
+        out = backend.search(z0, d, y, SearchPlan(method=method))
+        assert out.step.item() == want, method
+        assert not bool(out.capped), method
+        assert out.loss.item() == out.loss0.item() == pytest.approx(oracle.line_loss(z0.cpu(), d.cpu(), y.cpu(), 0.0),
+                                                                   rel=1e-6)
+
+
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_a_bad_label_gives_nan_without_validation_and_a_named_error_with_it(name, device):
+    use(name)
+    h, w, b, y = head_problem(10, 4, 3, seed=5, device=device)
+    for bad in (3, -5):
+        y_bad = y.clone()
+        y_bad[4] = bad
+        got = pof_fast.line_search(h, w, b, y_bad, backend=name, validate=False)
+        assert math.isnan(got.loss0.item()) and math.isnan(got.grad_norm.item())
+        with pytest.raises(ValueError, match="target has labels outside \\[0, 3\\)"):
+            pof_fast.line_search(h, w, b, y_bad, backend=name)
