@@ -91,7 +91,8 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=["pof_fast", "pof_fast.cli", "pof_fast.kernels"],
+    packages=["pof_fast", "pof_fast.backends", "pof_fast.bench", "pof_fast.cli", "pof_fast.integrations",
+              "pof_fast.kernels"],
     package_dir={"pof_fast": "pof_fast", "pof_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

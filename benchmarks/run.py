@@ -1,4 +1,4 @@
-"""Search benchmark from the source tree: the same as ``pof-fast bench`` (see pof_fast/cli/bench.py)."""
+"""Search benchmark from the source tree: ``pof-fast bench`` itself (the library is ``pof_fast/bench/``)."""
 import os
 import sys
 
@@ -7,4 +7,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pof_fast.cli.bench import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="benchmarks/run.py"))

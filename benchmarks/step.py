@@ -11,7 +11,7 @@ feature extractor (no gradient, train mode as the reference script does) and ``o
     search:  opt.perturb alone on precomputed search features (the part pof_fast accelerates)
     search_unchecked: the same with ``validate=False`` (no NaN/label checks, no host sync)
 
-Times use ``pof_fast.cli.bench.time_call`` (``do_bench`` on CUDA, median of repeats on the CPU).
+Times use ``pof_fast.bench.timing.time_call`` (``do_bench`` on CUDA, median of repeats on the CPU).
 
     python benchmarks/step.py --device cpu --model wrn-10-2 --json step_cpu.json
     python benchmarks/step.py --device cuda --model wrn-28-10 --json step_cuda.json
@@ -31,7 +31,8 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pof_fast  # noqa: E402
-from pof_fast.cli.bench import environment, time_call  # noqa: E402
+from pof_fast.bench.environment import environment  # noqa: E402
+from pof_fast.bench.timing import time_call  # noqa: E402
 
 MODELS = {"wrn-28-10": (28, 10), "wrn-16-4": (16, 4), "wrn-10-2": (10, 2)}
 SEARCH_BATCH, TRAIN_BATCH = 256, 64

@@ -39,6 +39,8 @@ def test_wheel_installs_and_imports_the_extension(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("pof_fast/_C") and n.endswith(".so") for n in names), names
     assert "pof_fast/kernels/__init__.py" in names and not any(n.startswith("kernels/") for n in names)
+    packages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pof_fast").rglob("__init__.py")}
+    assert packages <= set(names), f"subpackages missing from the wheel (setup.py packages): {sorted(packages - set(names))}"
 
     # A fresh venv that reuses this interpreter's torch (via a .pth file) but gets pof_fast only from the wheel.
     venv = tmp_path / "venv"
