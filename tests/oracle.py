@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,6 +67,62 @@ def script_search(z0: Tensor, d: Tensor, y: Tensor, init=1.0, cap=100.0, partiti
     losses = [line_loss(z0, d, y, s, ignore_index) for s in grid]
     best = min(range(partitions), key=lambda k: losses[k])
     return grid[best], losses
+
+
+def cpu(*tensors):
+    return [None if t is None else t.cpu() for t in tensors]
+
+
+def line_stats(z0, d, y, steps):
+    """``[3, K]`` float64 (l, l', l'') at each step, on the CPU."""
+    z0, d, y = cpu(z0, d, y)
+    return torch.tensor([line_derivatives(z0, d, y, float(t)) for t in steps], dtype=torch.float64).t()
+
+
+def line(h, w, b, y, normalized, rounded_logits=False):
+    """float64 (z0, d, g_W, g_b, ||g||, scale) of the line searched, on the CPU, by autograd.
+
+    ``rounded_logits``: z0 = h W^T + b formed in the input dtype on the input's device (what the backends
+    score for 16-bit heads), then the float64 gradient of the mean cross-entropy at those logits.
+    """
+    if rounded_logits:
+        z0 = F.linear(h, w, b).double().cpu()
+        h, y = cpu(h, y)
+        r = residual(z0, y)
+        gw = r.t() @ h.double()
+        gb = r.sum(0) if b is not None else None
+        norm = (gw.square().sum() + (gb.square().sum() if gb is not None else 0.0)).sqrt().item()
+    else:
+        h, w, b, y = cpu(h, w, b, y)
+        z0, gw, gb, norm = head_gradient(h, w, b, y)
+    scale = (1.0 / norm if normalized else 1.0) if norm > 0 else 0.0
+    return z0, direction(h, gw, gb, scale), gw, gb, norm, scale
+
+
+def assert_grid_point(step, z0, d, y, what="", **script):
+    """``step`` is the reference script's pick on the float64 line, or ties its loss within fp32 noise."""
+    y = y.cpu()
+    want, losses = script_search(z0, d, y, **script)
+    got = float(step)
+    if got != pytest.approx(want, rel=1e-6):
+        got_loss = line_loss(z0, d, y, got)
+        assert abs(got_loss - min(losses)) <= 1e-6 * max(1.0, abs(min(losses))), (
+            f"{what}: picked t={got} (loss {got_loss}), the script picked {want} (loss {min(losses)})")
+
+
+def assert_newton_optimal(step, capped, z0, d, y, rel, max_step=100.0, what=""):
+    """Newton's t* against the float64 line: the minimiser (|l'| small), 0 without descent, or capped."""
+    y = y.cpu()
+    t = float(step)
+    _, slope0, _ = line_derivatives(z0, d, y, 0.0)
+    _, slope, _ = line_derivatives(z0, d, y, t)
+    if slope0 >= 0:
+        assert t == 0.0 and not bool(capped), f"{what}: l'(0) = {slope0} >= 0 but t* = {t}"
+    elif bool(capped):
+        assert t == max_step and slope < 0, f"{what}: capped at t={t} with l'={slope}"
+    else:
+        assert 0.0 < t <= max_step, what  # l' may underflow to a tiny positive value before the cap
+        assert abs(slope) <= rel * abs(slope0) + 1e-7, f"{what}: |l'({t})| = {abs(slope)}, |l'(0)| = {abs(slope0)}"
 
 
 def assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str = "") -> None:

@@ -38,13 +38,6 @@ def use(name):
     return loaded
 
 
-def oracle_line(h, w, b, y, normalized):
-    """float64 (z0, d, ||g||, g_W, g_b) along u = g/||g|| or g."""
-    z0, g_w, g_b, norm = oracle.head_gradient(h.cpu(), w.cpu(), None if b is None else b.cpu(), y.cpu())
-    scale = (1.0 / norm if normalized else 1.0) if norm > 0 else 0.0
-    return z0, oracle.direction(h.cpu(), g_w, g_b, scale), norm, g_w * scale, None if g_b is None else g_b * scale
-
-
 def expected_evaluations(method, init=1.0, cap=100.0, partitions=16, rounds=8, points=8):
     """Candidates the specification scores, l(0) included, counted from its definition."""
     if method == "newton":
@@ -55,21 +48,13 @@ def expected_evaluations(method, init=1.0, cap=100.0, partitions=16, rounds=8, p
     return 1 + doublings + partitions
 
 
-def float64_grid(z0, d, y, end, partitions=16):
-    """(first argmin of the float64 losses on end*k/P, the losses)."""
+def assert_grid_argmin(got, z0, d, y, end, partitions=16):
+    """``got`` is the first argmin of the float64 losses on end*k/P, or ties it within float32 noise."""
     grid = [end * k / partitions for k in range(1, partitions + 1)]
     losses = [oracle.line_loss(z0, d, y, t) for t in grid]
-    return grid[min(range(partitions), key=losses.__getitem__)], losses
-
-
-def assert_grid_choice(got, want, losses, grid_end, partitions=16):
-    """``got`` is ``want`` or a grid point whose float64 loss ties it within float32 noise."""
-    if got == pytest.approx(want, rel=1e-6):
-        return
-    k = round(got / grid_end * partitions) - 1
-    assert 0 <= k < partitions and got == pytest.approx(grid_end * (k + 1) / partitions, rel=1e-6), got
-    best = min(losses)
-    assert losses[k] - best <= 1e-6 * max(1.0, abs(best)), (got, want, losses[k], best)
+    k = round(got / end * partitions) - 1
+    assert 0 <= k < partitions and got == pytest.approx(grid[k], rel=1e-6), got
+    assert losses[k] - min(losses) <= 1e-6 * max(1.0, abs(min(losses))), (got, losses[k], min(losses))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -79,46 +64,26 @@ def test_every_method_matches_the_float64_oracle(name, device, size, bias):
     use(name)
     h, w, b, y = head_problem(**size, bias=bias, ignore_every=5, seed=11, device=device)
     for method, direction in (("bracket_grid", "raw"), ("grid", "normalized"), ("newton", "normalized")):
-        normalized = direction == "normalized"
-        z0, d, norm, u_w, u_b = oracle_line(h, w, b, y, normalized)
+        z0, d, g_w, g_b, norm, scale = oracle.line(h, w, b, y, direction == "normalized")
         got = pof_fast.line_search(h, w, b, y, method=method, direction=direction, backend=name)
         what = f"{name} {method}"
         assert got.evaluations == expected_evaluations(method), what
         assert got.grad_norm.item() == pytest.approx(norm, rel=1e-5), what
-        oracle.assert_close(got.weight_direction, u_w, atol=1e-6, rtol=1e-4, what=what)
+        oracle.assert_close(got.weight_direction, g_w * scale, atol=1e-6, rtol=1e-4, what=what)
         if bias:
-            oracle.assert_close(got.bias_direction, u_b, atol=1e-6, rtol=1e-4, what=what)
+            oracle.assert_close(got.bias_direction, g_b * scale, atol=1e-6, rtol=1e-4, what=what)
         else:
             assert got.bias_direction is None
-        assert got.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y.cpu(), 0.0), rel=1e-5), what
+        y64 = y.cpu()
+        assert got.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y64, 0.0), rel=1e-5), what
         t = got.step.item()
-        assert got.loss.item() == pytest.approx(oracle.line_loss(z0, d, y.cpu(), t), rel=1e-4, abs=1e-6), what
+        assert got.loss.item() == pytest.approx(oracle.line_loss(z0, d, y64, t), rel=1e-4, abs=1e-6), what
         if method == "bracket_grid":
-            want, _ = oracle.script_search(z0, d, y.cpu())
-            end = bracket_end(z0, d, y.cpu())
-            _, losses = float64_grid(z0, d, y.cpu(), end)
-            assert_grid_choice(t, want, losses, end)
+            oracle.assert_grid_point(t, z0, d, y64, what=what)
         elif method == "grid":
-            want, losses = float64_grid(z0, d, y.cpu(), 100.0)
-            assert_grid_choice(t, want, losses, 100.0)
+            assert_grid_argmin(t, z0, d, y64, 100.0)
         else:
-            falls_at_cap = oracle.line_derivatives(z0, d, y.cpu(), 100.0)[1] < 0
-            assert bool(got.capped) == falls_at_cap, what
-            if falls_at_cap:
-                assert t == 100.0, what
-            else:  # the float64 slope vanishes at t*, up to float32 rounding of the scorer
-                _, slope, curvature = oracle.line_derivatives(z0, d, y.cpu(), t)
-                assert abs(slope) <= 1e-4 * max(1.0, curvature * max(t, 1.0)), (what, t, slope, curvature)
-
-
-def bracket_end(z0, d, y, init=1.0, cap=100.0):
-    """The script's bracket end, float64, one candidate at a time."""
-    base, t = oracle.line_loss(z0, d, y, 0.0), init
-    while oracle.line_loss(z0, d, y, t) <= base:
-        t *= 2.0
-        if t >= cap:
-            break
-    return t
+            oracle.assert_newton_optimal(t, got.capped, z0, d, y64, rel=2e-4, what=what)
 
 
 def separable(device):
@@ -134,7 +99,7 @@ def test_a_line_that_falls_for_ever_is_capped_at_max_step(name, device, method):
     use(name)
     h, w, b, y = separable(device)
     got = pof_fast.line_search(h, w, b, y, method=method, max_step=2.0, backend=name)
-    z0, d, *_ = oracle_line(h, w, b, y, True)
+    z0, d, *_ = oracle.line(h, w, b, y, True)
     end = 2.0  # the bracket too: its doubling from init = 1 stops at 2 >= max_step
     assert oracle.line_derivatives(z0, d, y.cpu(), end)[1] < 0  # float64: still falling at the cap
     assert got.step.item() == end and bool(got.capped)

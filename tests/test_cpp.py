@@ -28,54 +28,6 @@ SLOPE_TOL = {torch.float64: 1e-5, torch.float32: 2e-4, torch.bfloat16: 2e-4}
 LOSS_ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6}
 
 
-def oracle_stats(z0, d, y, steps):
-    rows = [oracle.line_derivatives(z0, d, y, float(t)) for t in steps]
-    return torch.tensor(rows, dtype=torch.float64).t()
-
-
-def oracle_line(h, w, b, y, normalized, rounded_logits=False):
-    """float64 (z0, d, g_W, g_b, ||g||, scale) of the line searched, by autograd.
-
-    ``rounded_logits``: z0 = h W^T + b formed in the input dtype (as ATen's linear gives it, which is what the
-    backends score for bf16/fp16 heads), then the float64 gradient of the mean cross-entropy at those logits.
-    """
-    if rounded_logits:
-        z0 = F.linear(h, w, b).double()
-        residual = oracle.residual(z0, y)
-        gw = residual.t() @ h.double()
-        gb = residual.sum(0) if b is not None else None
-        norm = (gw.square().sum() + (gb.square().sum() if gb is not None else 0.0)).sqrt().item()
-    else:
-        z0, gw, gb, norm = oracle.head_gradient(h, w, b, y)
-    scale = (1.0 / norm if normalized else 1.0) if norm > 0 else 0.0
-    return z0, oracle.direction(h, gw, gb, scale), gw, gb, norm, scale
-
-
-def assert_grid_point(step, z0, d, y, what="", **script):
-    """``step`` is the reference script's pick on the float64 line, or ties its loss within fp32 noise."""
-    want, losses = oracle.script_search(z0, d, y, **script)
-    got = float(step)
-    if got != pytest.approx(want, rel=1e-6):
-        got_loss = oracle.line_loss(z0, d, y, got)
-        assert abs(got_loss - min(losses)) <= 1e-6 * max(1.0, abs(min(losses))), (
-            f"{what}: picked t={got} (loss {got_loss}), the script picked {want} (loss {min(losses)})")
-    return want, losses
-
-
-def assert_newton_optimal(step, capped, z0, d, y, rel, max_step=100.0, what=""):
-    """Newton's t* against the float64 line: the minimiser (|l'| small), 0 without descent, or capped."""
-    t = float(step)
-    _, slope0, _ = oracle.line_derivatives(z0, d, y, 0.0)
-    _, slope, _ = oracle.line_derivatives(z0, d, y, t)
-    if slope0 >= 0:
-        assert t == 0.0 and not bool(capped), f"{what}: l'(0) = {slope0} >= 0 but t* = {t}"
-    elif bool(capped):
-        assert t == max_step and slope < 0, f"{what}: capped at t={t} with l'={slope}"
-    else:
-        assert 0.0 < t <= max_step, what  # l' may underflow to a tiny positive value before the cap
-        assert abs(slope) <= rel * abs(slope0) + 1e-7, f"{what}: |l'({t})| = {abs(slope)}, |l'(0)| = {abs(slope0)}"
-
-
 # ---------------------------------------------------------------- line_stats
 
 
@@ -86,7 +38,7 @@ def test_line_stats_matches_oracle(n, classes, dtype):
     steps = torch.tensor([0.0, 0.3, 1.0, 4.0])
     got = ops.line_stats(z0, d, y, steps, -100)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    want = oracle_stats(z0, d, y, steps)  # on the same (rounded) inputs
+    want = oracle.line_stats(z0, d, y, steps)  # on the same (rounded) inputs
     oracle.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype], what=f"line_stats {dtype} n={n} C={classes}")
 
 
@@ -94,7 +46,7 @@ def test_line_stats_many_candidates_and_mixed_dtypes():
     z0, d, y = line_problem(19, 40, dtype=torch.bfloat16, ignore_every=3)
     steps = torch.linspace(0, 8, 37)  # crosses the 16-candidate chunks
     got = ops.line_stats(z0, d.float(), y, steps, -100)
-    oracle.assert_close(got, oracle_stats(z0, d, y, steps), atol=2e-5, rtol=2e-5, what="line_stats K=37")
+    oracle.assert_close(got, oracle.line_stats(z0, d, y, steps), atol=2e-5, rtol=2e-5, what="line_stats K=37")
 
 
 @pytest.mark.parametrize("scale", [1e-4, 30.0, 1e3])
@@ -102,7 +54,7 @@ def test_line_stats_huge_and_tiny_logits(scale):
     z0, d, y = line_problem(33, 50, scale=scale)
     steps = torch.tensor([0.0, 0.01, 2.0])
     got = ops.line_stats(z0, d * scale, y, steps, -100)
-    want = oracle_stats(z0, d * scale, y, steps)
+    want = oracle.line_stats(z0, d * scale, y, steps)
     assert torch.isfinite(got).all()
     oracle.assert_close(got, want, atol=1e-5 * max(1.0, scale), rtol=1e-5, what=f"line_stats scale={scale}")
 
@@ -260,7 +212,7 @@ def test_head_gradient_bf16_features():
     want = oracle.head_gradient(h, w, None, y)[1]  # float64 from the same bf16 inputs, except z0's bf16 rounding
     oracle.assert_close(gw, want, 2e-3, 2e-2, "grad_weight bf16")
     # on the op's own bf16 logits the float64 gradient is matched to fp32 accumulation
-    oracle.assert_close(gw, oracle_line(h, w, None, y, True, rounded_logits=True)[2], 1e-6, 1e-4, "g_W on bf16 z0")
+    oracle.assert_close(gw, oracle.line(h, w, None, y, True, rounded_logits=True)[2], 1e-6, 1e-4, "g_W on bf16 z0")
 
 
 # ---------------------------------------------------------------- the search op on a given line
@@ -275,7 +227,7 @@ def test_search_op_on_a_given_line_matches_the_oracle(n, classes, seed, dtype):
     bg = SearchOutcome(*ops.search(z0, d, y, "bracket_grid", 1.0, 100.0, 16, -100, 8, 8))
     assert bg.step.dtype == bg.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert bg.capped.dtype == torch.bool and bg.step.dim() == 0
-    assert_grid_point(bg.step, z0, d, y, what="bracket_grid")
+    oracle.assert_grid_point(bg.step, z0, d, y, what="bracket_grid")
     assert bg.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y, 0.0), rel=1e-6, abs=1e-6)
     assert bg.loss.item() == pytest.approx(oracle.line_loss(z0, d, y, float(bg.step)), rel=1e-6, abs=1e-6)
 
@@ -286,7 +238,7 @@ def test_search_op_on_a_given_line_matches_the_oracle(n, classes, seed, dtype):
     assert oracle.line_loss(z0, d, y, float(grid.step)) <= min(losses) + 1e-6 * max(1.0, abs(min(losses)))
 
     newton = SearchOutcome(*ops.search(z0, d, y, "newton", 1.0, 100.0, 16, -100, 8, 8))
-    assert_newton_optimal(newton.step, newton.capped, z0, d, y, SLOPE_TOL[dtype], what="newton")
+    oracle.assert_newton_optimal(newton.step, newton.capped, z0, d, y, SLOPE_TOL[dtype], what="newton")
     assert newton.loss.item() == pytest.approx(oracle.line_loss(z0, d, y, float(newton.step)), rel=1e-6, abs=1e-6)
 
 
@@ -302,7 +254,7 @@ def test_bracket_grid_matches_the_oracle(n, dim, classes, seed, direction):
     """Gradient, direction and the script's grid point, each against the float64 oracle."""
     h, w, b, y = head_problem(n, dim, classes, bias_scale=1.0, seed=seed)
     res = pof_fast.line_search(h, w, b, y, method="bracket_grid", direction=direction, backend="cpp")
-    z0, d, gw, gb, norm, scale = oracle_line(h, w, b, y, direction == "normalized")
+    z0, d, gw, gb, norm, scale = oracle.line(h, w, b, y, direction == "normalized")
     assert res.grad_norm.item() == pytest.approx(norm, rel=1e-5, abs=1e-7)
     assert res.direction_norm.item() == pytest.approx(norm * scale, rel=1e-5, abs=1e-7)
     oracle.assert_close(res.weight_direction, gw * scale, 1e-6 * max(1.0, scale), 1e-4, "u_W")
@@ -311,7 +263,7 @@ def test_bracket_grid_matches_the_oracle(n, dim, classes, seed, direction):
     if norm == 0:  # one class: no direction, no step
         assert res.step.item() == 0.0 and res.loss.item() == res.loss0.item() and not bool(res.capped)
         return
-    assert_grid_point(res.step, z0, d, y, what=direction)
+    oracle.assert_grid_point(res.step, z0, d, y, what=direction)
     assert res.loss.item() == pytest.approx(oracle.line_loss(z0, d, y, res.step.item()), rel=1e-5,
                                             abs=LOSS_ATOL[torch.float32] * max(1.0, res.loss0.item()))
     assert res.evaluations == 1 + 7 + 16
@@ -320,7 +272,7 @@ def test_bracket_grid_matches_the_oracle(n, dim, classes, seed, direction):
 @pytest.mark.parametrize("n,dim,classes,seed", CASES)
 def test_grid_and_script_choice(n, dim, classes, seed):
     h, w, b, y = head_problem(n, dim, classes, bias_scale=1.0, seed=seed)
-    z0, d, _, _, norm, _ = oracle_line(h, w, b, y, normalized=False)
+    z0, d, _, _, norm, _ = oracle.line(h, w, b, y, normalized=False)
     res = pof_fast.line_search(h, w, b, y, method="grid", direction="raw", backend="cpp")
     if norm > 0:
         points = [100.0 * k / 16 for k in range(1, 17)]
@@ -331,7 +283,7 @@ def test_grid_and_script_choice(n, dim, classes, seed):
     # in float64 the reference script's bracket_grid point exactly (up to a float64 near-tie)
     h64, w64, b64 = h.double(), w.double(), b.double()
     bg = pof_fast.line_search(h64, w64, b64, y, method="bracket_grid", direction="raw", backend="cpp")
-    z0, d, *_ = oracle_line(h64, w64, b64, y, normalized=False)
+    z0, d, *_ = oracle.line(h64, w64, b64, y, normalized=False)
     best, losses = oracle.script_search(z0, d, y)
     if norm > 0 and bg.step.item() != pytest.approx(best, rel=1e-12):
         assert min(losses) == pytest.approx(oracle.line_loss(z0, d, y, bg.step.item()), rel=1e-9)
@@ -343,7 +295,7 @@ def test_long_and_short_brackets_match_the_script(init, cap):
     h, w, b, y = head_problem(64, 12, 9, dtype=torch.float64, bias_scale=1.0, seed=5)
     bg = pof_fast.line_search(h, w, b, y, method="bracket_grid", direction="raw", init_step=init, max_step=cap,
                               backend="cpp")
-    z0, d, *_ = oracle_line(h, w, b, y, normalized=False)
+    z0, d, *_ = oracle.line(h, w, b, y, normalized=False)
     best, losses = oracle.script_search(z0, d, y, init=init, cap=cap)
     assert bg.step.item() == pytest.approx(best, rel=1e-12)
     assert bg.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y, 0.0), rel=1e-12)
@@ -358,14 +310,14 @@ def test_newton_optimality(n, dim, classes, seed, dtype):
     h, w, b, y = head_problem(n, dim, classes, dtype=dtype, bias_scale=1.0, seed=seed)
     res = pof_fast.line_search(h, w, b, y, method="newton", backend="cpp")
     low = dtype == torch.bfloat16
-    z0, d, gw, _, norm, scale = oracle_line(h, w, b, y, normalized=True, rounded_logits=low)
+    z0, d, gw, _, norm, scale = oracle.line(h, w, b, y, normalized=True, rounded_logits=low)
     oracle.assert_close(res.weight_direction, gw * scale, 1e-6, 1e-4, "u_W")
     assert res.grad_norm.item() == pytest.approx(norm, rel=1e-5, abs=1e-7)
     assert res.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y, 0.0), rel=1e-6)
     if norm == 0:
         assert res.step.item() == 0.0 and not bool(res.capped)
         return
-    assert_newton_optimal(res.step, res.capped, z0, d, y, SLOPE_TOL[dtype], what=str(dtype))
+    oracle.assert_newton_optimal(res.step, res.capped, z0, d, y, SLOPE_TOL[dtype], what=str(dtype))
     assert res.loss.item() == pytest.approx(oracle.line_loss(z0, d, y, res.step.item()), rel=1e-5,
                                             abs=LOSS_ATOL[dtype] * max(1.0, res.loss0.item()))
 
@@ -389,7 +341,7 @@ def test_capped_newton_reports_the_cap():
     y = torch.arange(6).repeat(5)
     w, b = torch.eye(6) * 2, torch.zeros(6)
     got = pof_fast.line_search(h, w, b, y, method="newton", max_step=3.0, backend="cpp")
-    z0, d, _, _, norm, _ = oracle_line(h, w, b, y, normalized=True)
+    z0, d, _, _, norm, _ = oracle.line(h, w, b, y, normalized=True)
     assert bool(got.capped) and got.step.item() == 3.0
     assert oracle.line_derivatives(z0, d, y, 3.0)[SLOPE] < 0  # still falling at the cap
     assert got.grad_norm.item() == pytest.approx(norm, rel=1e-5)
@@ -432,7 +384,7 @@ def test_cpp_backend_methods_wrap_the_ops():
     z0, d, y = line_problem(10, 7, ignore_every=4)
     steps = torch.tensor([0.0, 1.0])
     stats = cpp.line_stats(z0, d, y, steps, -100)
-    oracle.assert_close(stats[[LOSS, SLOPE, CURVATURE]], oracle_stats(z0, d, y, steps), 2e-5, 2e-5, "line_stats")
+    oracle.assert_close(stats[[LOSS, SLOPE, CURVATURE]], oracle.line_stats(z0, d, y, steps), 2e-5, 2e-5, "line_stats")
     h, w, _, y = head_problem(10, 4, 7, ignore_every=4)
     grad = cpp.head_gradient(h, w, None, y, -100, False)
     assert grad.grad_bias is None and grad.scale.item() == 1.0

@@ -36,61 +36,6 @@ def cuda_ops():
     return _ext.ops()
 
 
-def cpu(*tensors):
-    return [None if t is None else t.cpu() for t in tensors]
-
-
-def oracle_stats(z0, d, y, steps):
-    z0, d, y = cpu(z0, d, y)
-    return torch.tensor([oracle.line_derivatives(z0, d, y, float(t)) for t in steps], dtype=torch.float64).t()
-
-
-def oracle_line(h, w, b, y, normalized, rounded_logits=False):
-    """float64 (z0, d, g_W, g_b, ||g||, scale) on the CPU, by autograd.
-
-    ``rounded_logits``: z0 = h W^T + b as the GPU forms it in the input dtype (what the backend scores for a
-    bf16 head), then the float64 gradient of the mean cross-entropy at those logits.
-    """
-    if rounded_logits:
-        z0 = F.linear(h, w, b).double().cpu()
-        h, y = cpu(h, y)
-        residual = oracle.residual(z0, y)
-        gw = residual.t() @ h.double()
-        gb = residual.sum(0) if b is not None else None
-        norm = (gw.square().sum() + (gb.square().sum() if gb is not None else 0.0)).sqrt().item()
-    else:
-        h, w, b, y = cpu(h, w, b, y)
-        z0, gw, gb, norm = oracle.head_gradient(h, w, b, y)
-    scale = (1.0 / norm if normalized else 1.0) if norm > 0 else 0.0
-    return z0, oracle.direction(h, gw, gb, scale), gw, gb, norm, scale
-
-
-def assert_grid_point(step, z0, d, y, what="", **script):
-    """``step`` is the reference script's pick on the float64 line, or ties its loss within fp32 noise."""
-    y = y.cpu()
-    want, losses = oracle.script_search(z0, d, y, **script)
-    got = float(step)
-    if got != pytest.approx(want, rel=1e-6):
-        got_loss = oracle.line_loss(z0, d, y, got)
-        assert abs(got_loss - min(losses)) <= 1e-6 * max(1.0, abs(min(losses))), (
-            f"{what}: picked t={got} (loss {got_loss}), the script picked {want} (loss {min(losses)})")
-
-
-def assert_newton_optimal(step, capped, z0, d, y, rel, max_step=100.0, what=""):
-    """Newton's t* against the float64 line: the minimiser (|l'| small), 0 without descent, or capped."""
-    y = y.cpu()
-    t = float(step)
-    _, slope0, _ = oracle.line_derivatives(z0, d, y, 0.0)
-    _, slope, _ = oracle.line_derivatives(z0, d, y, t)
-    if slope0 >= 0:
-        assert t == 0.0 and not bool(capped), f"{what}: l'(0) = {slope0} >= 0 but t* = {t}"
-    elif bool(capped):
-        assert t == max_step and slope < 0, f"{what}: capped at t={t} with l'={slope}"
-    else:
-        assert 0.0 < t <= max_step, what  # l' may underflow to a tiny positive value before the cap
-        assert abs(slope) <= rel * abs(slope0) + 1e-7, f"{what}: |l'({t})| = {abs(slope)}, |l'(0)| = {abs(slope0)}"
-
-
 def loss_at(z0, d, y, t):
     return oracle.line_loss(z0, d, y.cpu(), float(t))
 
@@ -105,7 +50,7 @@ def test_line_stats_matches_oracle(cuda_ops, n, classes, dtype):
     steps = torch.linspace(0, 3, 19, dtype=torch.float64)  # > 16 candidates: several register chunks
     got = cuda_ops.line_stats(z0, d, y, steps.to(DEVICE), -100)
     assert got.device == z0.device and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    oracle.assert_close(got, oracle_stats(z0, d, y, steps), TOL[dtype], TOL[dtype],
+    oracle.assert_close(got, oracle.line_stats(z0, d, y, steps), TOL[dtype], TOL[dtype],
                         f"cuda line_stats {dtype} n={n} C={classes}")
 
 
@@ -116,7 +61,7 @@ def test_line_stats_all_ignored_and_huge_logits(cuda_ops):
     assert torch.equal(got.cpu(), torch.zeros(3, 2))
     got = cuda_ops.line_stats(z0, d, y, steps, -100)
     assert torch.isfinite(got).all()
-    oracle.assert_close(got, oracle_stats(z0, d, y, steps), 1e-5 * 1e3, 1e-5, "huge logits")
+    oracle.assert_close(got, oracle.line_stats(z0, d, y, steps), 1e-5 * 1e3, 1e-5, "huge logits")
 
 
 @pytest.mark.parametrize("n,classes,seed", [(1, 1, 0), (3, 17, 1), (50, 20, 7), (257, 33, 2), (64, 1000, 3)])
@@ -129,7 +74,7 @@ def test_search_op_on_a_given_line_matches_the_oracle(cuda_ops, n, classes, seed
     z64, d64 = z0.double().cpu(), d.double().cpu()
     bg = SearchOutcome(*cuda_ops.search(z0, d, y, "bracket_grid", 1.0, 100.0, 16, -100, 8, 8))
     assert bg.step.device == z0.device and bg.step.dim() == 0 and bg.capped.dtype == torch.bool
-    assert_grid_point(bg.step, z64, d64, y, what="bracket_grid")
+    oracle.assert_grid_point(bg.step, z64, d64, y, what="bracket_grid")
     assert bg.loss0.item() == pytest.approx(loss_at(z64, d64, y, 0.0), rel=1e-6, abs=1e-6)
     assert bg.loss.item() == pytest.approx(loss_at(z64, d64, y, bg.step), rel=1e-6, abs=1e-6)
 
@@ -140,7 +85,7 @@ def test_search_op_on_a_given_line_matches_the_oracle(cuda_ops, n, classes, seed
     assert loss_at(z64, d64, y, grid.step) <= min(losses) + 1e-6 * max(1.0, abs(min(losses)))
 
     newton = SearchOutcome(*cuda_ops.search(z0, d, y, "newton", 1.0, 100.0, 16, -100, 8, 8))
-    assert_newton_optimal(newton.step, newton.capped, z64, d64, y, SLOPE_TOL[dtype], what="newton")
+    oracle.assert_newton_optimal(newton.step, newton.capped, z64, d64, y, SLOPE_TOL[dtype], what="newton")
     assert newton.loss.item() == pytest.approx(loss_at(z64, d64, y, newton.step), rel=1e-6, abs=1e-6)
 
 
@@ -154,7 +99,7 @@ def test_head_gradient_matches_oracle(cuda_ops, n, dim, classes, bias, dtype):
     h, w, b, y = head_problem(n, dim, classes, bias=bias, dtype=dtype, bias_scale=1.0, seed=n,
                               ignore_every=4 if n > 4 else 0, device=DEVICE)
     logits, residual, gw, gb, norm, scale = cuda_ops.head_gradient(h, w, b, y, -100, True)
-    z0, gw64, gb64, norm64 = oracle.head_gradient(*cpu(h, w, b, y))
+    z0, gw64, gb64, norm64 = oracle.head_gradient(*oracle.cpu(h, w, b, y))
     tight = dtype == torch.float64
     atol, rtol = (1e-10, 1e-8) if tight else (1e-6, 1e-4)
     oracle.assert_close(logits, z0, atol, rtol, "logits")
@@ -176,7 +121,7 @@ def test_grad_norm_of_a_large_head_is_as_accurate_as_eager_torch(cuda_ops, n, di
     """fp32 ||g|| over C*D entries: error against float64 <= 8x eager torch's on the GPU, or 1e-6."""
     h, w, b, y = head_problem(n, dim, classes, bias_scale=1.0, seed=6, device=DEVICE)
     norm = cuda_ops.head_gradient(h, w, b, y, -100, True)[4].item()
-    norm64 = oracle.head_gradient(*cpu(h, w, b, y))[3]
+    norm64 = oracle.head_gradient(*oracle.cpu(h, w, b, y))[3]
     eager = reference.head_gradient(h, w, b, y, -100, True).grad_norm.item()
     error, eager_error = abs(norm / norm64 - 1), abs(eager / norm64 - 1)
     assert error <= max(8 * eager_error, 1e-6), f"||g|| relative error {error:.2e}, eager torch {eager_error:.2e}"
@@ -192,7 +137,7 @@ def test_bracket_grid_matches_the_oracle(n, dim, classes, seed, direction):
     h, w, b, y = head_problem(n, dim, classes, bias_scale=1.0, seed=seed, device=DEVICE)
     res = pof_fast.line_search(h, w, b, y, method="bracket_grid", direction=direction, backend=BACKEND)
     assert res.step.device == h.device and res.evaluations == 1 + 7 + 16
-    z0, d, gw, gb, norm, scale = oracle_line(h, w, b, y, direction == "normalized")
+    z0, d, gw, gb, norm, scale = oracle.line(h, w, b, y, direction == "normalized")
     assert res.grad_norm.item() == pytest.approx(norm, rel=1e-5, abs=1e-7)
     assert res.direction_norm.item() == pytest.approx(norm * scale, rel=1e-5, abs=1e-7)
     oracle.assert_close(res.weight_direction, gw * scale, 1e-6 * max(1.0, scale), 1e-4, "u_W")
@@ -201,7 +146,7 @@ def test_bracket_grid_matches_the_oracle(n, dim, classes, seed, direction):
     if norm == 0:  # one class: no direction, no step
         assert res.step.item() == 0.0 and res.loss.item() == res.loss0.item() and not bool(res.capped)
         return
-    assert_grid_point(res.step, z0, d, y, what=f"{direction} n={n} C={classes}")
+    oracle.assert_grid_point(res.step, z0, d, y, what=f"{direction} n={n} C={classes}")
     assert res.loss.item() == pytest.approx(loss_at(z0, d, y, res.step), rel=1e-5,
                                             abs=LOSS_ATOL[torch.float32] * max(1.0, res.loss0.item()))
 
@@ -212,7 +157,7 @@ def test_long_and_short_brackets_match_the_script(init, cap):
     h, w, b, y = head_problem(64, 12, 9, dtype=torch.float64, bias_scale=1.0, seed=5, device=DEVICE)
     res = pof_fast.line_search(h, w, b, y, method="bracket_grid", direction="raw", init_step=init, max_step=cap,
                                backend=BACKEND)
-    z0, d, *_ = oracle_line(h, w, b, y, normalized=False)
+    z0, d, *_ = oracle.line(h, w, b, y, normalized=False)
     best, losses = oracle.script_search(z0, d, y.cpu(), init=init, cap=cap)
     assert res.step.item() == pytest.approx(best, rel=1e-12)
     assert res.loss0.item() == pytest.approx(loss_at(z0, d, y, 0.0), rel=1e-12)
@@ -225,7 +170,7 @@ def test_grid_is_the_argmin_of_its_points(n, dim, classes, seed):
     res = pof_fast.line_search(h, w, b, y, method="grid", direction="normalized", max_step=20.0, partitions=10,
                                backend=BACKEND)
     assert res.evaluations == 1 + 10
-    z0, d, _, _, norm, _ = oracle_line(h, w, b, y, normalized=True)
+    z0, d, _, _, norm, _ = oracle.line(h, w, b, y, normalized=True)
     if norm == 0:
         assert res.step.item() == 0.0
         return
@@ -243,7 +188,7 @@ def test_newton_is_the_true_minimiser(n, dim, classes, seed, dtype, direction):
     GPU's own bf16 logits, which is what the backend is asked to search)."""
     h, w, b, y = head_problem(n, dim, classes, dtype=dtype, bias_scale=1.0, seed=seed, device=DEVICE)
     res = pof_fast.line_search(h, w, b, y, method="newton", direction=direction, backend=BACKEND)
-    z0, d, gw, _, norm, scale = oracle_line(h, w, b, y, direction == "normalized",
+    z0, d, gw, _, norm, scale = oracle.line(h, w, b, y, direction == "normalized",
                                             rounded_logits=dtype == torch.bfloat16)
     oracle.assert_close(res.weight_direction, gw * scale, 1e-6 * max(1.0, scale), 1e-4, "u_W")
     assert res.grad_norm.item() == pytest.approx(norm, rel=1e-5, abs=1e-7)
@@ -251,7 +196,7 @@ def test_newton_is_the_true_minimiser(n, dim, classes, seed, dtype, direction):
     if norm == 0:
         assert res.step.item() == 0.0 and not bool(res.capped)
         return
-    assert_newton_optimal(res.step, res.capped, z0, d, y, SLOPE_TOL[dtype], what=f"{dtype} {direction}")
+    oracle.assert_newton_optimal(res.step, res.capped, z0, d, y, SLOPE_TOL[dtype], what=f"{dtype} {direction}")
     assert res.loss.item() == pytest.approx(loss_at(z0, d, y, res.step), rel=1e-5,
                                             abs=LOSS_ATOL[dtype] * max(1.0, res.loss0.item()))
 
@@ -263,7 +208,7 @@ def test_newton_caps_when_the_loss_falls_for_ever():
     y = torch.arange(6).repeat(5).to(DEVICE)
     w, b = (torch.eye(6) * 2).to(DEVICE), torch.zeros(6, device=DEVICE)
     res = pof_fast.line_search(h, w, b, y, method="newton", max_step=3.0, backend=BACKEND)
-    z0, d, _, _, norm, _ = oracle_line(h, w, b, y, normalized=True)
+    z0, d, _, _, norm, _ = oracle.line(h, w, b, y, normalized=True)
     assert bool(res.capped) and res.step.item() == 3.0
     assert oracle.line_derivatives(z0, d, y.cpu(), 3.0)[SLOPE] < 0  # still falling at the cap
     assert res.grad_norm.item() == pytest.approx(norm, rel=1e-5)
