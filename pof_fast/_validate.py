@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._types import FLOAT_DTYPES
+from ._types import DIRECTIONS, FLOAT_DTYPES, METHODS
 
 
 def tensor(name: str, value: object, ndim: int) -> Tensor:
@@ -48,9 +48,9 @@ def same_device(**tensors: Optional[Tensor]) -> torch.device:
     return device
 
 
-def ignore_index(value: object) -> None:
+def integer(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def shape(name: str, value: Tensor, expected: tuple, meaning: str) -> None:
@@ -67,6 +67,17 @@ def positive(name: str, value: object, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a positive finite {'integer' if integer else 'number'}, got {value!r}")
+
+
+def search_options(method: object, direction: object, init_step: object, max_step: object, partitions: object,
+                   ignore_index: object) -> None:
+    """The search's hyperparameters, as :func:`pof_fast.line_search` and :class:`pof_fast.PoF` take them."""
+    choice("method", method, METHODS)
+    choice("direction", direction, DIRECTIONS)
+    positive("init_step", init_step)
+    positive("max_step", max_step)
+    positive("partitions", partitions, integer=True)
+    integer("ignore_index", ignore_index)
 
 
 def data(

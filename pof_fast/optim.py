@@ -18,7 +18,6 @@ from torch.optim import optimizer as torch_optimizer
 
 from . import _validate as check
 from . import dispatch
-from ._types import DIRECTIONS, METHODS
 from .gamma import GammaSampler
 from .graph import CapturedSearch
 from .norm import frozen_norm_stats
@@ -156,12 +155,7 @@ class PoF(torch.optim.Optimizer):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         check.choice("gamma_sampling", gamma_sampling, GAMMA_SAMPLING)
         check.choice("on_capped", on_capped, ON_CAPPED)
-        check.choice("method", method, METHODS)
-        check.choice("direction", direction, DIRECTIONS)
-        check.positive("init_step", init_step)
-        check.positive("max_step", max_step)
-        check.positive("partitions", partitions, integer=True)
-        check.ignore_index(ignore_index)
+        check.search_options(method, direction, init_step, max_step, partitions, ignore_index)
         dispatch.check_backend(backend)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")

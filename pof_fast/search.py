@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _validate as check
 from . import dispatch
-from ._types import DIRECTIONS, LOSS, METHODS, SearchPlan
+from ._types import LOSS, SearchPlan
 from .drivers import evaluations
 
 __all__ = ["LineSearchResult", "line_losses", "line_search"]
@@ -78,7 +78,7 @@ def line_losses(
     if not isinstance(steps, Tensor):
         raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
     check.tensor("steps", steps, 1)
-    check.ignore_index(ignore_index)
+    check.integer("ignore_index", ignore_index)
     device = check.same_device(logits=logits, direction_logits=direction_logits, target=target, steps=steps)
     with torch.autocast(device.type, enabled=False):
         stats = dispatch.run(backend, device,
@@ -139,12 +139,7 @@ def line_search(
         check.tensor("bias", bias, 1)
         check.shape("bias", bias, (classes,), "one entry per class, C = weight.shape[0]")
     target = check.target_tensor(target, n)
-    check.choice("method", method, METHODS)
-    check.choice("direction", direction, DIRECTIONS)
-    check.positive("init_step", init_step)
-    check.positive("max_step", max_step)
-    check.positive("partitions", partitions, integer=True)
-    check.ignore_index(ignore_index)
+    check.search_options(method, direction, init_step, max_step, partitions, ignore_index)
     if logits_free is not None and not isinstance(logits_free, bool):
         raise TypeError(f"logits_free must be None, True or False, got {logits_free!r}")
     device = check.same_device(features=features, weight=weight, bias=bias, target=target)

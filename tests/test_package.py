@@ -4,14 +4,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-import pytest
 import torch
 
 import pof_fast
-from pof_fast import dispatch
 
 
 def test_import_is_cheap_and_lazy():
