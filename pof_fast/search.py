@@ -1,6 +1,7 @@
 """Public search API: :func:`line_losses` and :func:`line_search`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -151,7 +152,8 @@ def line_search(
                       logits_free=logits_free)
     with torch.autocast(device.type, enabled=False):
         out = dispatch.run(backend, device, lambda chosen: chosen.line_search(h, w, b, target, plan))
-    if validate and not bool(torch.isfinite(out.loss0) & torch.isfinite(out.grad_norm)):
+    # One host read: l(0) + ||g|| is finite iff both are (NaN and inf propagate through the sum).
+    if validate and not math.isfinite((out.loss0 + out.grad_norm).item()):
         _raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
                      allow_all_ignored=True)
     return LineSearchResult(
