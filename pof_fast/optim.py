@@ -91,6 +91,15 @@ def _check_head(head: object) -> nn.Linear:
     return head
 
 
+def _agreed_seed(seed: int, device: torch.device, group: "torch.distributed.ProcessGroup") -> int:
+    """Rank 0's seed on every rank of ``group`` (one broadcast, at construction)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(value, src=dist.get_global_rank(group, 0), group=group)
+    return int(value.item())
+
+
 class PoF(torch.optim.Optimizer):
     """Wraps a base optimizer for PoF post-training (Sato et al., ICML 2022).
 
@@ -117,6 +126,8 @@ class PoF(torch.optim.Optimizer):
         seed: seed of PoF's own gamma stream (a fresh random one when None; torch's global RNG is never used).
         cuda_graph: run each search as a CUDA graph replay (captured once per search-batch shape; the head
             must be on a CUDA device; implies no data checks inside the graph, see :class:`CapturedSearch`).
+        process_group: search the union of every rank's search batch (see :func:`pof_fast.line_search`), so all
+            ranks perturb the head identically; the gamma stream's seed is rank 0's.
         freeze_head: set the head's ``requires_grad`` to False. None (default): True unless
             ``torch.distributed`` is initialized, where a ``DistributedDataParallel`` built before PoF
             would wait for the head's gradients; then the head keeps ``requires_grad`` and PoF drops its
@@ -144,6 +155,7 @@ class PoF(torch.optim.Optimizer):
         validate: bool = True,
         cuda_graph: bool = False,
         freeze_head: Optional[bool] = None,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
         **base_kwargs: Any,
     ) -> None:
         if base_optimizer is None:  # PoF(params, base_optimizer=SGD, ...)
@@ -161,6 +173,9 @@ class PoF(torch.optim.Optimizer):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if cuda_graph and head.weight.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the head on a CUDA device, it is on {head.weight.device}")
+        if cuda_graph and process_group is not None:
+            raise ValueError("cuda_graph=True with a process_group is not supported: the union search's "
+                             "all-reduces run between launches")
         super().__init__(params, dict(base_kwargs))
         head_ids = {id(p) for p in head.parameters()}
         if any(id(p) in head_ids for group in self.param_groups for p in group["params"]):
@@ -195,8 +210,12 @@ class PoF(torch.optim.Optimizer):
         self.search_kwargs = dict(
             method=method, direction=direction, init_step=init_step, max_step=max_step,
             partitions=partitions, ignore_index=ignore_index, backend=backend, validate=validate,
+            process_group=process_group,
         )
-        self.gamma_sampler = GammaSampler(seed if seed is not None else secrets.randbits(63), head.weight.device)
+        seed = seed if seed is not None else secrets.randbits(63)
+        if process_group is not None:  # one gamma stream for all ranks: rank 0's seed
+            seed = _agreed_seed(seed, head.weight.device, process_group)
+        self.gamma_sampler = GammaSampler(seed, head.weight.device)
         device = head.weight.device
         self._telemetry = _Telemetry(torch.zeros(8, dtype=torch.float64, device=device),
                                      torch.zeros(2, dtype=torch.int64, device=device))
@@ -274,7 +293,7 @@ class PoF(torch.optim.Optimizer):
         key = (tuple(features.shape), features.dtype, features.device, target.dtype)
         captured = self._telemetry.captured.get(key)
         if captured is None:
-            kwargs = {k: v for k, v in self.search_kwargs.items() if k != "validate"}
+            kwargs = {k: v for k, v in self.search_kwargs.items() if k not in ("validate", "process_group")}
             captured = CapturedSearch(features, self.theta0_weight, self.theta0_bias, target, **kwargs)
             self._telemetry.captured[key] = captured
         return captured(features, target)

@@ -106,6 +106,8 @@ def line_search(
     backend: str = "auto",
     validate: bool = True,
     logits_free: Optional[bool] = None,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
+    sharded_classes: bool = False,
 ) -> LineSearchResult:
     """Find t* = argmin_{0 <= t <= max_step} L(theta0 - t u) on a search batch.
 
@@ -121,6 +123,12 @@ def line_search(
     Precision: the search runs with autocast off and accumulates in float32 (float64 for float64
     inputs). Features and head of different float dtypes are promoted to a common one first
     (``torch.promote_types``), exactly as if the caller had cast them.
+
+    ``process_group``: search the union of every rank's search batch (all-reduces of the gradient and of
+    each scoring round's sums): every rank gets bit-identical t* and directions, equal to the search on the
+    concatenated batch (:mod:`pof_fast.distributed`). ``sharded_classes=True`` (with a group): the head is
+    class-sharded across the ranks (``weight`` is this rank's rows ``W0[c0:c1]``, in rank order; features and
+    global labels the same on every rank); each rank gets its slice of the direction and the same t*.
 
     ``validate=True`` reads one flag of the result (one host read): when l(0) or ||g|| is not finite it
     finds and names the bad argument (NaN/inf in features, weight or bias; a label outside [0, C) that is
@@ -143,6 +151,8 @@ def line_search(
     check.search_options(method, direction, init_step, max_step, partitions, ignore_index)
     if logits_free is not None and not isinstance(logits_free, bool):
         raise TypeError(f"logits_free must be None, True or False, got {logits_free!r}")
+    if sharded_classes and process_group is None:
+        raise ValueError("sharded_classes=True needs a process_group: the ranks that hold the head's slices")
     device = check.same_device(features=features, weight=weight, bias=bias, target=target)
     dtype = torch.promote_types(features.dtype, weight.dtype)
     if bias is not None:
@@ -151,9 +161,22 @@ def line_search(
     plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index,
                       logits_free=logits_free)
     with torch.autocast(device.type, enabled=False):
-        out = dispatch.run(backend, device, lambda chosen: chosen.line_search(h, w, b, target, plan))
+        if process_group is None:
+            out = dispatch.run(backend, device, lambda chosen: chosen.line_search(h, w, b, target, plan))
+        else:
+            from . import distributed
+
+            if sharded_classes:
+                out = distributed.sharded_search(h, w, b, target, plan, process_group)
+            else:
+                out = dispatch.run(backend, device,
+                                   lambda chosen: distributed.union_search(chosen, h, w, b, target, plan, process_group))
     # One host read: l(0) + ||g|| is finite iff both are (NaN and inf propagate through the sum).
     if validate and not math.isfinite((out.loss0 + out.grad_norm).item()):
+        if sharded_classes:  # labels are global class indices: the bound is the whole head's size
+            from .distributed import class_range
+
+            classes = class_range(classes, device, process_group)[1]
         _raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
                      allow_all_ignored=True)
     return LineSearchResult(
