@@ -1,10 +1,11 @@
 """Fused head-gradient pieces: residual R, bias gradient g_b, ||g|| and the direction scale, on device.
 
-``head_residual`` writes R = (softmax(z0) - onehot(y)) / m with ignored rows zero (one launch, an
-online log-sum-exp over class tiles so any C works). After g_W = R^T h (a cuBLAS product done by the
-caller), ``gradient_norm`` forms g_b = colsum(R), per-program partial sums of ||g_W||^2 + ||g_b||^2,
-and a one-program finish that writes ||g|| and the scale u = scale * g (1/||g|| normalized, 1 raw,
-0 when g = 0) to device memory, where the consumers read it: no host synchronisation anywhere.
+``head_residual`` writes R = (softmax(z0) - onehot(y)) / m with ignored rows zero and rows whose
+counted label is outside [0, C) NaN (one launch, an online log-sum-exp over class tiles so any C
+works). After g_W = R^T h (a cuBLAS product done by the caller), ``gradient_norm`` forms
+g_b = colsum(R), per-program partial sums of ||g_W||^2 + ||g_b||^2, and a one-program finish that
+writes ||g|| and the scale u = scale * g (1/||g|| normalized, 1 raw, 0 when g = 0) to device memory,
+where the consumers read it: no host synchronisation anywhere.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from .line_stats import FLOAT_DTYPES
 
 __all__ = ["head_residual", "gradient_norm"]
 
-# Untuned (no GPU available when written); chosen so a [BLOCK_N, BLOCK_C] tile is 4096 values and a
+# Not tuned: these block sizes were never swept on a GPU (BENCHMARKS.md times the whole search on an
+# H200 with these values, nothing per kernel). Chosen so a [BLOCK_N, BLOCK_C] tile is 4096 values and a
 # row block of a C <= 256 head is read in one tile.
 RES_BLOCK_N = 16
 RES_MAX_BLOCK_C = 256
-# Untuned; the norm kernel walks R and g_W for NORM_BLOCK_C classes per program.
+# Not tuned (not swept); the norm kernel walks R and g_W for NORM_BLOCK_C classes per program.
 NORM_BLOCK_C = 32
 NORM_BLOCK_N = 64
 NORM_BLOCK_D = 128
@@ -39,7 +41,8 @@ def _residual_kernel(
     """R for BLOCK_N rows.
 
     z_ptr:     [n, C] z0 (fp32/bf16/fp16), strides (stride_zn, stride_zc).
-    y_ptr:     [n] int64 targets, contiguous.
+    y_ptr:     [n] int64 targets, contiguous; a counted label outside [0, C) gives a NaN row of R
+               (``reference.label_rows``). Labels are only compared with column indices, never gathered.
     count_ptr: [1] int64 m, the number of counted rows in the whole batch (not just this chunk).
     r_ptr:     [n, C] fp32 output R, strides (stride_rn, stride_rc).
     Grid: (cdiv(n, BLOCK_N),).
@@ -49,9 +52,10 @@ def _residual_kernel(
     row_ok = rows < n
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
     counted = (y != ignore_index) & row_ok
-    # 1. Row weight 1/m for counted rows, 0 otherwise (m read from device memory).
+    bad = counted & ((y < 0) | (y >= C))
+    # 1. Row weight 1/m for counted rows, 0 for ignored ones, NaN for bad labels (m read from device memory).
     m = tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
-    w = tl.where(counted, 1.0 / m, 0.0)
+    w = tl.where(bad, float("nan"), tl.where(counted, 1.0 / m, 0.0))
     # 2. Online log-sum-exp of z0 over the class tiles.
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -142,6 +146,7 @@ def _finish_kernel(partial_ptr, P, norm_ptr, scale_ptr, NORMALIZED: tl.constexpr
 def head_residual(logits: Tensor, target: Tensor, count: Tensor, ignore_index: int) -> Tensor:
     """``[n, C]`` fp32 R = (softmax(z0) - onehot(y)) / max(m, 1), zero on ignored rows.
 
+    A row whose label is neither ``ignore_index`` nor in [0, C) is NaN (it counts in m, as everywhere).
     logits ``[n, C]`` fp32/bf16/fp16, target ``[n]`` int64, count a 1-element int64 device tensor
     holding m (so a row chunk can be processed with the whole batch's m). One launch.
     """

@@ -20,15 +20,16 @@ __all__ = ["FLOAT_DTYPES", "line_stats", "candidate_tile", "row_block", "row_fin
 # The dtypes every kernel here takes (fp32 accumulation); the backend sends others to the reference ops.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Untuned (no GPU was available when this was written); chosen so that the [BLOCK_N, BLOCK_K, BLOCK_C]
-# candidate tile holds 8192 fp32 values (32 per thread with 8 warps) and the common K <= 16 needs
-# one candidate block, i.e. z0 and d are read exactly once.
+# Not tuned: these block sizes were never swept on a GPU (BENCHMARKS.md times the whole search on an
+# H200 with these values, nothing per kernel). Chosen so that the [BLOCK_N, BLOCK_K, BLOCK_C] candidate
+# tile holds 8192 fp32 values (32 per thread with 8 warps) and the common K <= 16 needs one candidate
+# block, i.e. z0 and d are read exactly once.
 BLOCK_N = 16
 MAX_BLOCK_K = 16
 TILE_ELEMENTS = 8192
 MAX_BLOCK_C = 256
 NUM_WARPS = 8
-# Untuned; the reduction reads a [BLOCK_P, BLOCK_K] slab of per-program partials per step.
+# Not tuned (not swept); the reduction reads a [BLOCK_P, BLOCK_K] slab of per-program partials per step.
 REDUCE_BLOCK_P = 64
 
 
@@ -57,8 +58,11 @@ def candidate_tile(zs, dv, valid, t, run_max, run_sum, run_first, run_second):
 
 
 @triton.jit
-def row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y):
+def row_finish(run_max, run_sum, run_first, run_second, counted, bad, t, zs_y, dv_y):
     """Loss, slope, curvature summed over the counted rows: three [BK] vectors.
+
+    counted: [BN] rows that exist and whose label is not ignore_index; bad: [BN] counted rows whose
+    label is outside [0, C): their weight is NaN, so the sums are NaN (``reference.label_rows``).
 
     With p = softmax(z(t)), zs = z0 - a, dv = d - c for row constants a, c (softmax is unchanged):
     l = logsumexp(zs - t dv) - (zs_y - t dv_y), l' = dv_y - E_p[dv], l'' = Var_p[dv]. The shift by
@@ -66,7 +70,7 @@ def row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y):
     tiles) keeps the moments small, so the variance loses no precision to cancellation.
     zs_y, dv_y: [BN] target entries of the shifted tiles.   t: [BK].
     """
-    w = tl.where(counted, 1.0, 0.0)[:, None]
+    w = tl.where(bad, float("nan"), tl.where(counted, 1.0, 0.0))[:, None]
     mean = run_first / run_sum
     loss = run_max + tl.log(run_sum) - (zs_y[:, None] - t[None, :] * dv_y[:, None])
     curvature = run_second / run_sum - mean * mean
@@ -74,11 +78,12 @@ def row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y):
 
 
 @triton.jit
-def row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_block(t_ptr, y_ptr, n, C, K, ignore_index, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's rows and candidates (grid (row blocks, candidate blocks)).
 
     Returns rows [BN] int64, row_ok [BN], ks [BK] int64, t [BK] fp32 steps, counted [BN] (row exists
-    and its label is not ignore_index) and y_safe [BN] (the label, class 0 where not counted).
+    and its label is not ignore_index), bad [BN] (counted, label outside [0, C)) and y_safe [BN] (the
+    label where it is in [0, C), else class 0: every gather with it stays inside the row).
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -88,7 +93,8 @@ def row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N: tl.constexpr, BLOCK_K: 
     t = tl.load(t_ptr + ks, mask=ks < K, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
     counted = (y != ignore_index) & row_ok
-    return rows, row_ok, ks, t, counted, tl.where(counted, y, 0)
+    bad = counted & ((y < 0) | (y >= C))
+    return rows, row_ok, ks, t, counted, bad, tl.where(counted & ~bad, y, 0)
 
 
 @triton.jit
@@ -116,15 +122,17 @@ def _line_stats_kernel(
 
     z_ptr:       [n, C] z0 (fp32/bf16/fp16), strides (stride_zn, stride_zc).
     d_ptr:       [n, C] d, same dtype family, strides (stride_dn, stride_dc).
-    y_ptr:       [n] int64 targets, contiguous; ``ignore_index`` rows do not count.
+    y_ptr:       [n] int64 targets, contiguous; ``ignore_index`` rows do not count; a counted label
+                 outside [0, C) is never used as an index and makes the sums NaN.
     t_ptr:       [K] fp32 candidate steps, contiguous.
     scale_ptr:   [1] fp32 factor applied to d when HAS_SCALE (1/||g|| read on device).
     partial_ptr: [P, 3, K] fp32 output, contiguous, P = number of row programs.
     count_ptr:   [P] fp32 output: counted rows of each row program.
     Grid: (P, cdiv(K, BLOCK_K)).
     """
-    # 1. Rows, candidates, targets; z0_y and d_y gathered once per row (rows that do not count use class 0).
-    rows, row_ok, ks, t, counted, y_safe = row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N, BLOCK_K)
+    # 1. Rows, candidates, targets; z0_y and d_y gathered once per row (rows that do not count, and rows
+    #    whose label is outside [0, C), gather class 0; the latter come out NaN in step 3).
+    rows, row_ok, ks, t, counted, bad, y_safe = row_block(t_ptr, y_ptr, n, C, K, ignore_index, BLOCK_N, BLOCK_K)
     z_y = tl.load(z_ptr + rows * stride_zn + y_safe * stride_zc, mask=row_ok, other=0.0).to(tl.float32)
     d_y = tl.load(d_ptr + rows * stride_dn + y_safe * stride_dc, mask=row_ok, other=0.0).to(tl.float32)
     scale = 1.0
@@ -145,9 +153,9 @@ def _line_stats_kernel(
         dv = (d.to(tl.float32) - d_y[:, None]) * scale
         run_max, run_sum, run_first, run_second = candidate_tile(
             zs, dv, col_ok, t, run_max, run_sum, run_first, run_second)
-    # 3. Sum the counted rows of this program.
+    # 3. Sum the counted rows of this program (NaN if one has a label outside [0, C)).
     zero = tl.zeros([BLOCK_N], tl.float32)
-    loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, t, zero, zero)
+    loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, bad, t, zero, zero)
     store_partials(partial_ptr, count_ptr, ks, K, loss, slope, curvature, counted)
 
 
@@ -204,7 +212,8 @@ def line_stats(
 
     logits z0 and direction d ``[n, C]`` in fp32/bf16/fp16 (any strides), target ``[n]`` int64,
     steps ``[K]``, scale an optional 1-element fp32 device tensor multiplying d (default 1).
-    Means are over the counted rows, divided by max(m, 1). Two launches, no host synchronisation.
+    Means are over the counted rows, divided by max(m, 1). A counted label outside [0, C) (not
+    ``ignore_index``) makes every entry NaN and is never read through. Two launches, no host synchronisation.
     """
     if logits.dim() != 2 or direction.shape != logits.shape:
         raise ValueError(f"logits and direction must both be [n, C], got {list(logits.shape)} and {list(direction.shape)}")

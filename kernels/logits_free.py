@@ -5,7 +5,7 @@ z0 = h W0^T + b0 and d = scale (h g_W^T + g_b) with ``tl.dot`` over feature chun
 tile into the same online log-sum-exp of all candidates as :mod:`line_stats` (shared helpers), so
 memory beyond the inputs is O(programs x K). The per-program sums go through the same
 deterministic reduction. The gradient g_W = R^T h for this path is assembled by the caller
-(``pof_fast.backend_triton``) from bounded row chunks of R (see ``head_residual``).
+(``pof_fast.backends.triton``) from bounded row chunks of R (see ``head_residual``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from .line_stats import FLOAT_DTYPES, candidate_tile, reduce_partials, row_block
 
 __all__ = ["line_stats_logits_free"]
 
-# Untuned (no GPU available when written); tl.dot needs every block >= 16. BLOCK_N x BLOCK_K x BLOCK_C
+# Not tuned: these block sizes were never swept on a GPU (BENCHMARKS.md times the whole search on an
+# H200 with these values, nothing per kernel); tl.dot needs every block >= 16. BLOCK_N x BLOCK_K x BLOCK_C
 # keeps the candidate tile at 8192 fp32 values as in line_stats; BLOCK_D = 64 keeps the operand tiles
 # [32, 64] + 2 x [64, 32] small enough for registers with 8 warps.
 LF_BLOCK_N = 32
@@ -48,13 +49,14 @@ def _logits_free_kernel(
     gw_ptr:    [C, D] g_W: fp32 when DOT_FP32, else the dtype of h, strides (stride_gc, stride_gd).
     gb_ptr:    [C] fp32 g_b contiguous (read when HAS_BIAS).
     scale_ptr: [1] fp32 u = scale * g.
-    y_ptr:     [n] int64 targets.   t_ptr: [K] fp32 steps.
+    y_ptr:     [n] int64 targets (W0, g_W, b0, g_b are gathered only at labels in [0, C); a counted
+               label outside makes the sums NaN).   t_ptr: [K] fp32 steps.
     partial_ptr: [P, 3, K] fp32 output.   count_ptr: [P] fp32 output.
     Grid: (P = cdiv(n, BLOCK_N), cdiv(K, BLOCK_K)).
     z0 and d tiles use tl.dot in the input dtype with fp32 accumulation (tensor cores), or, when
     DOT_FP32, on operands upcast to fp32 with input_precision="ieee" (never tf32).
     """
-    rows, row_ok, ks, t, counted, y_safe = row_block(t_ptr, y_ptr, n, K, ignore_index, BLOCK_N, BLOCK_K)
+    rows, row_ok, ks, t, counted, bad, y_safe = row_block(t_ptr, y_ptr, n, C, K, ignore_index, BLOCK_N, BLOCK_K)
     scale = tl.load(scale_ptr)
     # 1. Row shifts: z0_y = h_i . W0[y_i] + b0[y_i] and d_y (unscaled) by a gathered dot over D. They
     #    differ from the tl.dot tiles' target entries by rounding, so those entries are tracked too.
@@ -111,7 +113,7 @@ def _logits_free_kernel(
         run_max, run_sum, run_first, run_second = candidate_tile(
             zs, dv, col_ok, t, run_max, run_sum, run_first, run_second)
     # 5. Per-row l, l', l'' measured against the tiles' own target entries, summed over counted rows.
-    loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, t, zs_y, dv_y)
+    loss, slope, curvature = row_finish(run_max, run_sum, run_first, run_second, counted, bad, t, zs_y, dv_y)
     store_partials(partial_ptr, count_ptr, ks, K, loss, slope, curvature, counted)
 
 
@@ -130,7 +132,8 @@ def line_stats_logits_free(
 
     features ``[n, D]``, weight ``[C, D]`` (same float dtype), bias ``[C]`` or None, grad_weight
     ``[C, D]`` fp32 or the features' dtype, grad_bias ``[C]`` fp32 (given iff bias is), scale 1-element
-    fp32, target ``[n]`` int64, steps ``[K]``. For 16-bit inputs d is formed on tensor cores from g_W
+    fp32, target ``[n]`` int64, steps ``[K]``. A counted label outside [0, C) makes every entry NaN
+    (never an out-of-range read). For 16-bit inputs d is formed on tensor cores from g_W
     rounded to the input dtype (pass it rounded to avoid a cast per call). No ``[n, C]`` buffer is
     allocated; two launches (three with that cast), no host synchronisation.
     """
