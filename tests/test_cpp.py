@@ -391,7 +391,8 @@ def test_cpp_backend_methods_wrap_the_ops():
     oracle.assert_close(grad.grad_weight, oracle.head_gradient(h, w, None, y)[1], 1e-6, 1e-4, "g_W")
 
 
-def test_backends_report_the_compiled_ops():
+def test_backends_report_the_compiled_ops(monkeypatch):
+    monkeypatch.setitem(dispatch.PREFERENCE, "cpu", ("cpp", "torch"))  # Triton too when TRITON_INTERPRET=1
     status = pof_fast.backends()
     assert status["cpp"] is True
     assert _ext.compiled_ops() in ("CPU", "CPU+CUDA")
@@ -412,6 +413,7 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(_ext.importlib, "import_module", fail)
     monkeypatch.setattr(dispatch, "_loaded", {})
     monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setitem(dispatch.PREFERENCE, "cpu", ("cpp", "torch"))  # Triton too when TRITON_INTERPRET=1
     h, w, b, y = head_problem(16, 8, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
