@@ -34,7 +34,7 @@ stage build 120 "$OUT/build.log" env POF_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=
   $PY setup.py build_ext --inplace &
 build=$!
 # 8 test workers on 16 cores: two OpenMP threads each (torch's and the cpp kernels'), not 16 each.
-stage tests_triton 110 "$OUT/tests.log" env OMP_NUM_THREADS=2 $PY -m pytest -q -rfE -p no:cacheprovider -n 8 -m triton tests
+stage tests_triton 110 "$OUT/tests.log" env OMP_NUM_THREADS=2 $PY -m pytest -q -rfE -p no:cacheprovider -n 8 -m "triton or triton_aot" tests
 wait $build
 $PY -c "import pof_fast; print('backends', pof_fast.backends()); import pof_fast._C;
 print('libstdc++ loaded:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l}))" >> "$OUT/env.txt" 2>&1

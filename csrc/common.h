@@ -24,6 +24,14 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// 16-bit features on a GPU: the g_W and d products run on tensor cores (16-bit operands, fp32 output).
+inline bool tensor_core_gemms(const at::Tensor& features) {
+  return features.is_cuda() && (features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16);
+}
+
+// d = h g_W^T as (h h^T) R: n^2 (D + C) multiply-adds instead of n D C, cheaper when n is small.
+inline bool gram_cheaper(int64_t n, int64_t D, int64_t C) { return n * (D + C) < D * C; }
+
 // Checks shared by the line_stats and search ops; returns target as contiguous int64.
 at::Tensor check_line_inputs(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target);
 

@@ -139,8 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor logits = at::linear(features, weight, with_bias ? *bias : at::Tensor());
   // 2. R, fused: softmax, one-hot and 1/m in one pass per row.
   const at::Tensor residual = head_residual(logits, target, ignore_index);
-  // 3. g_W = R^T h in the accumulation dtype.
-  const at::Tensor grad_weight = at::mm(residual.t(), features.to(residual.scalar_type()));
+  // 3. g_W = R^T h, accumulated in fp32/fp64. 16-bit features on CUDA: tensor cores, R rounded to the input
+  // dtype with fp32 output (cuBLAS); elsewhere (CPU, fp32/fp64) in the accumulation dtype.
+  const at::Tensor grad_weight = tensor_core_gemms(features)
+                                     ? at::mm(residual.t().to(features.scalar_type()), features, at::kFloat)
+                                     : at::mm(residual.t(), features.to(residual.scalar_type()));
   at::Tensor grad_bias, norm, scale;
 #ifdef POF_FAST_WITH_CUDA
   if (features.is_cuda()) {
@@ -175,10 +178,16 @@ at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_w
   POF_CHECK_SAME_DEVICE(grad_weight, features, "grad_weight", "features");
   POF_CHECK_SAME_DEVICE(scale, features, "scale", "features");
   const int64_t n = features.size(0), D = features.size(1), C = grad_weight.size(0);
-  const at::Tensor h = features.to(grad_weight.scalar_type());
-  const bool gram = residual.has_value() && residual->defined() && n * (D + C) < D * C;
-  // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
-  at::Tensor d = gram ? at::mm(at::mm(h, h.t()), residual->to(grad_weight.scalar_type())) : at::mm(h, grad_weight.t());
+  const bool gram = residual.has_value() && residual->defined() && gram_cheaper(n, D, C);
+  at::Tensor d;
+  if (!gram && tensor_core_gemms(features)) {
+    // d = h g_W^T on tensor cores from g_W rounded to the input dtype (line_search returns that rounded g_W).
+    d = at::mm(features, grad_weight.to(features.scalar_type()).t(), at::kFloat);
+  } else {
+    const at::Tensor h = features.to(grad_weight.scalar_type());
+    // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
+    d = gram ? at::mm(at::mm(h, h.t()), residual->to(grad_weight.scalar_type())) : at::mm(h, grad_weight.t());
+  }
   const bool with_bias = grad_bias.has_value() && grad_bias->defined() && grad_bias->numel() > 0;
 #ifdef POF_FAST_WITH_CUDA
   if (d.is_cuda()) {

@@ -15,6 +15,11 @@ SearchTensors line_search(const at::Tensor& features, const at::Tensor& weight,
   auto [logits, residual, grad_weight, grad_bias, grad_norm, scale] =
       head_gradient(features, weight, bias, target, ignore_index, normalized);
   const bool with_bias = bias.has_value() && bias->defined();
+  if (tensor_core_gemms(features) && !gram_cheaper(features.size(0), features.size(1), weight.size(0))) {
+    // d is formed on tensor cores from g_W rounded to the input dtype: return that rounded g_W, so that the
+    // line searched is the line returned (||g|| and the scale stay those of the fp32 g_W).
+    grad_weight.copy_(grad_weight.to(features.scalar_type()));
+  }
   // 2. d = h u_W^T + u_b, scaled.
   const at::Tensor direction =
       direction_logits(features, grad_weight, with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt, scale,
