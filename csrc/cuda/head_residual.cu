@@ -13,7 +13,7 @@ namespace pof_fast {
 namespace cuda {
 namespace {
 
-// Not tuned yet (no GPU was available): 256 threads per row/grid-stride block; kNormBlocks partial sums
+// Not tuned (ran on an H200, see BENCHMARKS.md, but never swept): 256 threads per row/grid-stride block; kNormBlocks partial sums
 // of squares, a fixed count so that ||g|| is the same run after run.
 constexpr int kThreads = 256;
 constexpr int kNormBlocks = 512;

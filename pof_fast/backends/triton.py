@@ -29,11 +29,12 @@ from .base import Backend, BackendUnavailable, register_search_op
 __all__ = ["TritonBackend", "load_kernels", "interpreting", "LOGITS_FREE_ELEMENTS", "RESIDUAL_CHUNK_ELEMENTS"]
 
 # line_search switches to the logits-free path when n * C exceeds this: storing z0, d (fp32) and R
-# would then take >= 1.5 GiB. Chosen for memory, not measured speed (no GPU was available): below it,
-# cuBLAS products plus the stored-logits kernels do less arithmetic than recomputing tiles per call.
+# would then take >= 1.5 GiB. Chosen for memory, not tuned for speed (no sweep of this threshold was run; on
+# the H200, BENCHMARKS.md, the stored path searched cases A-C and the logits-free path full-size case D): below
+# it, cuBLAS products plus the stored-logits kernels do less arithmetic than recomputing tiles per call.
 LOGITS_FREE_ELEMENTS = 1 << 27
 # The logits-free gradient materialises z0 and R for at most this many elements at once (64 MiB of
-# fp32 R per chunk); untuned, chosen to bound memory while keeping each g_W += R^T h product large.
+# fp32 R per chunk); not tuned, chosen to bound memory while keeping each g_W += R^T h product large.
 RESIDUAL_CHUNK_ELEMENTS = 1 << 24
 
 
