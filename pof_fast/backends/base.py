@@ -2,7 +2,8 @@
 
 A backend's whole ``line_search`` (head gradient, direction logits, search driver, result assembly)
 is one op registered with ``torch.library`` and given a fake kernel, so ``torch.compile`` and CUDA
-graph capture see a single node and no Python runs between its launches.
+graph capture see a single node. The compiled backends' op is native (no Python between its launches);
+the ``torch`` and ``triton`` ops run :meth:`Backend.compose` in Python, which a CUDA graph replay skips.
 """
 from __future__ import annotations
 
