@@ -315,9 +315,6 @@ class PoF(torch.optim.Optimizer):
                     f"{type(self.base_optimizer).__name__} needs a closure: call opt.step(closure) with a closure "
                     "that recomputes the training loss through the perturbed head and calls backward()"
                 )
-            if not self.freeze_head:
-                for p in self.head.parameters():
-                    p.grad = None
             if found_inf is None:
                 loss = self.base_optimizer.step(closure) if closure is not None else self._base_step()
             elif self._base_fused_scaling:  # the base unscales and skips on the device: no host read
@@ -336,6 +333,9 @@ class PoF(torch.optim.Optimizer):
                     loss = self.base_optimizer.step()
         finally:
             self.restore()
+            if not self.freeze_head:  # the head's gradients (kept for DDP) are never used
+                for p in self.head.parameters():
+                    p.grad = None
         self._telemetry.counts[1] += 1
         return loss
 
