@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Type
 
@@ -70,6 +71,7 @@ class _Telemetry:
     counts: Tensor
     last: Optional[PoFStats] = None
     captured: Dict[Any, CapturedSearch] = field(default_factory=dict)
+    head_checked: bool = False  # validate=True: the head was compared with theta0 at the first perturb
 
 
 def _check_head(head: object) -> nn.Linear:
@@ -267,6 +269,9 @@ class PoF(torch.optim.Optimizer):
                 f"search_features must have shape [n, {self.theta0_weight.shape[1]}] (the head's in_features), "
                 f"got {list(search_features.shape)}"
             )
+        if self.search_kwargs["validate"] and not self._telemetry.head_checked:
+            self._telemetry.head_checked = True
+            self._warn_if_head_moved()
         result = self._search(search_features.detach(), search_target)
         factor = self.gamma_sampler.draw(self.gamma, self.gamma_sampling == "uniform")
         capped_step = torch.full_like(result.step, self.search_kwargs["max_step"] if self.on_capped == "clip" else 0.0)
@@ -286,6 +291,16 @@ class PoF(torch.optim.Optimizer):
         record.sums.add_(stats.values())
         record.counts[0] += 1
         return result
+
+    def _warn_if_head_moved(self) -> None:
+        """One host read, at the first perturb with validate=True: weights loaded after PoF was built."""
+        moved = not torch.equal(self.head.weight, self.theta0_weight) or (
+            self.theta0_bias is not None and not torch.equal(self.head.bias, self.theta0_bias))
+        if moved:
+            warnings.warn(
+                "pof_fast.PoF: the head changed since PoF was built, and theta0 is the head at construction: "
+                "the first step sets the head back to that theta0. If you loaded trained weights after building "
+                "PoF, call opt.retake_theta0() first.", RuntimeWarning, stacklevel=3)
 
     def _search(self, features: Tensor, target: Tensor) -> LineSearchResult:
         if not self.cuda_graph:

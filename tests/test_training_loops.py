@@ -5,6 +5,7 @@ runs fp16 + GradScaler on CUDA. Oracles: the same loop without PoF's shortcut (f
 no scaler, one big batch), or an explicit float64 computation.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -298,6 +299,18 @@ def test_a_tied_head_is_refused_with_a_message_that_says_so():
     head.weight = embedding.weight
     with pytest.raises(ValueError, match="tied"):
         pof_fast.PoF(list(embedding.parameters()), torch.optim.SGD, head=head, lr=0.1)
+
+
+def test_weights_loaded_after_construction_are_warned_about_once():
+    phi, head = model()
+    opt = pof(phi, head)
+    head.load_state_dict(model(seed=5)[1].state_dict())  # loaded after PoF was built
+    xs, ys = batch(32, 0)
+    with pytest.warns(RuntimeWarning, match="retake_theta0"):
+        opt.perturb(opt.search_features(phi, xs), ys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.perturb(opt.search_features(phi, xs), ys)  # checked once
 
 
 def test_theta0_is_taken_at_construction_and_retaken_on_request():
