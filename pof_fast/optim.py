@@ -22,7 +22,7 @@ from . import dispatch
 from .gamma import GammaSampler
 from .graph import CapturedSearch
 from .norm import frozen_norm_stats
-from .search import LineSearchResult, line_search
+from .search import LineSearchResult, line_search, raise_named
 
 __all__ = ["PoF", "PoFStats"]
 
@@ -72,6 +72,8 @@ class _Telemetry:
     last: Optional[PoFStats] = None
     captured: Dict[Any, CapturedSearch] = field(default_factory=dict)
     head_checked: bool = False  # validate=True: the head was compared with theta0 at the first perturb
+    # validate=True on CUDA: (pinned host flag, event after it, features, target) of the last search, read later
+    pending: Optional[tuple] = None
 
 
 def _check_head(head: object) -> nn.Linear:
@@ -122,7 +124,9 @@ class PoF(torch.optim.Optimizer):
             from what theta0 fits) until test error rose from ~3% to 25-30%, at post-training
             learning rates from 1e-4 (over 100 epochs) to 5e-3; uniform sampling stayed stable.
         method, direction, init_step, max_step, partitions, ignore_index, backend, validate: passed to
-            :func:`pof_fast.line_search` (``backend`` is checked here).
+            :func:`pof_fast.line_search` (``backend`` is checked here). On CUDA, ``validate=True`` reads the
+            search's finiteness flag at the next ``perturb`` (no stall); a search on bad data does not perturb
+            the head, and that next call raises the ``ValueError`` naming the bad argument.
         on_capped: ``"skip"`` applies no perturbation when the search was capped (as the reference
             multi-GPU script rejects such steps); ``"clip"`` perturbs with t* = max_step.
         seed: seed of PoF's own gamma stream (a fresh random one when None; torch's global RNG is never used).
@@ -272,10 +276,12 @@ class PoF(torch.optim.Optimizer):
         if self.search_kwargs["validate"] and not self._telemetry.head_checked:
             self._telemetry.head_checked = True
             self._warn_if_head_moved()
-        result = self._search(search_features.detach(), search_target)
+        result, finite = self._checked_search(search_features.detach(), search_target)
         factor = self.gamma_sampler.draw(self.gamma, self.gamma_sampling == "uniform")
         capped_step = torch.full_like(result.step, self.search_kwargs["max_step"] if self.on_capped == "clip" else 0.0)
         applied = torch.where(result.capped, capped_step, result.step)
+        if finite is not None:  # a search on bad data (reported at the next call) never perturbs the head
+            applied = torch.where(finite, applied, torch.zeros_like(applied))
         coef = factor.to(applied.dtype) * applied
         self.head.weight.copy_(self.theta0_weight - coef * result.weight_direction)
         if self.theta0_bias is not None:
@@ -302,9 +308,42 @@ class PoF(torch.optim.Optimizer):
                 "the first step sets the head back to that theta0. If you loaded trained weights after building "
                 "PoF, call opt.retake_theta0() first.", RuntimeWarning, stacklevel=3)
 
-    def _search(self, features: Tensor, target: Tensor) -> LineSearchResult:
+    def _checked_search(self, features: Tensor, target: Tensor) -> tuple[LineSearchResult, Optional[Tensor]]:
+        """The search, and on CUDA with validate=True its finiteness flag, checked later without a stall.
+
+        On the CPU (and with validate=False) the search checks itself (one cheap read). On CUDA a read right
+        after the search would wait for every kernel queued before it; instead the flag l(0) + ||g|| is finite
+        goes to pinned host memory behind an event, and is read at the next ``perturb`` or ``summary``, when it
+        is long done. The bad argument is then named in a ``ValueError``; the bad search did not perturb.
+        """
+        if not (self.search_kwargs["validate"] and features.device.type == "cuda"):
+            return self._search(features, target, self.search_kwargs["validate"]), None
+        self.raise_pending()
+        result = self._search(features, target, False)
+        finite = torch.isfinite(result.loss0 + result.grad_norm)
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._telemetry.pending = (flag, event, features, target)
+        return result, finite
+
+    def raise_pending(self) -> None:
+        """Raise the ``ValueError`` of a search on bad data not yet reported (CUDA with validate=True)."""
+        pending, self._telemetry.pending = self._telemetry.pending, None
+        if pending is None:
+            return
+        flag, event, features, target = pending
+        if not event.query():  # recorded a step ago: normally done, so this reads without waiting
+            event.synchronize()
+        if not bool(flag):
+            raise_named({"search_features": features, "head.weight": self.theta0_weight, "head.bias": self.theta0_bias},
+                        target, self.theta0_weight.shape[0], self.search_kwargs["ignore_index"], True)
+
+    def _search(self, features: Tensor, target: Tensor, validate: bool) -> LineSearchResult:
+        kwargs = dict(self.search_kwargs, validate=validate)
         if not self.cuda_graph:
-            return line_search(features, self.theta0_weight, self.theta0_bias, target, **self.search_kwargs)
+            return line_search(features, self.theta0_weight, self.theta0_bias, target, **kwargs)
         key = (tuple(features.shape), features.dtype, features.device, target.dtype)
         captured = self._telemetry.captured.get(key)
         if captured is None:
@@ -389,6 +428,7 @@ class PoF(torch.optim.Optimizer):
         """Means over the perturbations since the last :meth:`reset_summary` (one host sync): t*, gamma,
         perturbation norm, grad norm, loss0, loss, and the capped and skipped rates; ``steps`` counts
         optimizer steps and ``perturbations`` searches."""
+        self.raise_pending()
         record = self._telemetry
         perturbations, steps = record.counts.tolist()
         means = (record.sums / perturbations).tolist() if perturbations else [float("nan")] * len(SUMMARY_KEYS)

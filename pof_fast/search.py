@@ -13,7 +13,7 @@ from . import dispatch
 from ._types import LOSS, SearchPlan
 from .drivers import evaluations
 
-__all__ = ["LineSearchResult", "line_losses", "line_search"]
+__all__ = ["LineSearchResult", "line_losses", "line_search", "raise_named"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class LineSearchResult:
     direction_norm: Tensor
 
 
-def _raise_named(floats: dict, target: Tensor, classes: int, ignore_index: int, allow_all_ignored: bool) -> None:
+def raise_named(floats: dict, target: Tensor, classes: int, ignore_index: int, allow_all_ignored: bool) -> None:
     """After a failed folded check: name the bad argument (the slow path), or say the values overflowed."""
     check.data(floats, target, classes, ignore_index, allow_all_ignored=allow_all_ignored)
     dtypes = sorted({str(v.dtype) for v in floats.values() if v is not None})
@@ -86,7 +86,7 @@ def line_losses(
                              lambda b: b.line_stats(logits, direction_logits, target, steps, ignore_index))
     losses = stats[LOSS].float()
     if validate and not bool(torch.isfinite(losses).all() & (target != ignore_index).any()):
-        _raise_named({"logits": logits, "direction_logits": direction_logits, "steps": steps},
+        raise_named({"logits": logits, "direction_logits": direction_logits, "steps": steps},
                      target, logits.shape[1], ignore_index, allow_all_ignored=False)
     return losses
 
@@ -177,7 +177,7 @@ def line_search(
             from .distributed import class_range
 
             classes = class_range(classes, device, process_group)[1]
-        _raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
+        raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
                      allow_all_ignored=True)
     return LineSearchResult(
         step=out.step,

@@ -91,3 +91,28 @@ def test_pof_with_cuda_graph_equals_pof_without():
         opt_g.step()
     assert all(torch.equal(a, b) for a, b in zip(phi.parameters(), phi_g.parameters()))
     assert opt.summary() == opt_g.summary()
+
+
+def test_pof_default_checks_never_stall_and_name_bad_data_at_the_next_call():
+    torch.manual_seed(0)
+    phi, head = nn.Sequential(nn.Linear(64, 128), nn.ReLU()).cuda(), nn.Linear(128, 10).cuda()
+    opt = pof_fast.PoF(phi.parameters(), torch.optim.SGD, head=head, lr=0.1, seed=0)  # validate=True
+    xs, ys = torch.randn(256, 64, device="cuda"), torch.randint(0, 10, (256,), device="cuda")
+
+    def step(features):
+        opt.perturb(features, ys)
+        opt.zero_grad()
+        F.cross_entropy(head(phi(xs[:64])), ys[:64]).backward()
+        opt.step()
+
+    step(opt.search_features(phi, xs))  # warm-up (and the one-time head check)
+    with no_sync():
+        for _ in range(2):
+            step(opt.search_features(phi, xs))
+    bad = opt.search_features(phi, xs)
+    bad[3, 5] = float("nan")
+    opt.perturb(bad, ys)
+    assert torch.equal(head.weight, opt.theta0_weight)  # the bad search did not perturb
+    opt.restore()
+    with pytest.raises(ValueError, match="search_features contains NaN"):
+        opt.perturb(opt.search_features(phi, xs), ys)
