@@ -5,6 +5,7 @@ on the first call that needs them.
 """
 from .dispatch import backends
 from .graph import CapturedSearch
+from .models import split_model
 from .norm import frozen_norm_stats
 from .optim import PoF, PoFStats
 from .search import LineSearchResult, line_losses, line_search
@@ -12,4 +13,4 @@ from .search import LineSearchResult, line_losses, line_search
 __version__ = "0.1.0"
 
 __all__ = ["PoF", "PoFStats", "LineSearchResult", "CapturedSearch", "backends", "frozen_norm_stats", "line_losses",
-           "line_search", "__version__"]
+           "line_search", "split_model", "__version__"]

@@ -1,1 +1,1 @@
-"""The ``pof-fast`` command line: ``pof-fast demo`` and ``pof-fast bench``."""
+"""The ``pof-fast`` command line: ``demo``, ``pretrain``, ``posttrain``, ``eval``, ``landscape``, ``bench`` (one module each)."""

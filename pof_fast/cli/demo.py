@@ -1,129 +1,119 @@
-"""``pof-fast demo``: pretrain an MLP on scikit-learn's digits, then PoF post-train its features.
+"""``pof-fast demo``: pretrain -> posttrain -> eval on the digits data shipped with scikit-learn.
 
-Real data that ships with scikit-learn (1,797 8x8 images, 10 classes; 80/20 split). Reports test
-error and test NLL before and after, and PoF telemetry per epoch. About a minute on 2 CPU cores.
+Trains an MLP (or the small CNN) with SAM, post-trains its feature extractor with PoF, and prints a
+before/after table: test error, NLL, ECE, head-space sharpness (lambda_max of the training-loss Hessian
+w.r.t. the head) and the landscape's t* ratio (median t* of test batches / training batches), with a control
+column: plain SGD post-training of the feature extractor at the same lr and epochs. The run folders
+(checkpoints, metrics.jsonl) go to --out, a temporary folder by default.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 import time
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Any, Dict, Tuple
 
-import torch
-from torch import Tensor, nn
+from .common import command, log, positive_int
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="pretrain an MLP on the digits data, then PoF post-train it")
-    p.add_argument("--pretrain-epochs", type=int, default=60, help="plain SGD epochs before PoF (default 60)")
-    p.add_argument("--epochs", type=int, default=10, help="PoF post-training epochs (default 10)")
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="pretrain (SAM) -> PoF posttrain -> eval on the digits data; "
+                                           "a before/after table", description=__doc__.splitlines()[0].replace("``", ""))
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="mlp or cnn (with BatchNorm) (default mlp)")
+    p.add_argument("--pretrain-optimizer", choices=("sam", "sgd"), default="sam", help="(default sam, rho 0.05)")
+    p.add_argument("--pretrain-epochs", type=positive_int, default=60, help="pretraining epochs (default 60)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="PoF post-training epochs (default 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="PoF learning rate of the base SGD (default 1e-3)")
     p.add_argument("--gamma", type=float, default=2.0, help="perturbation factor (default 2)")
-    p.add_argument("--gamma-sampling", choices=["uniform", "fixed"], default="uniform")
+    p.add_argument("--gamma-sampling", choices=["uniform", "fixed"], default="uniform", help="(default uniform)")
     p.add_argument("--method", choices=["newton", "bracket_grid", "grid"], default="newton")
     p.add_argument("--direction", choices=["normalized", "raw"], default="normalized")
     p.add_argument("--backend", default="auto", help="auto, torch, cpp, triton or cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default torch's)")
+    p.add_argument("--out", metavar="DIR", help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the control column (plain SGD post-training of the feature extractor, same lr and epochs)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write the PoF post-training curves here (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 
-class MLP(nn.Module):
-    """phi: 64 -> 256 -> 128 (ReLU), head: 128 -> 10."""
+def _measure(model: Any, phi: Any, head: Any, data: Any, device: Any, seed: int) -> Dict[str, Any]:
+    from ..training import landscape_of
+    from .evaluate import measure
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.phi = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.phi(x))
+    row = measure(model, phi, head, data, device, hessian="head", seed=seed)
+    row["t_ratio"] = landscape_of(phi, head, data, device, batch_size=128, batches=16, seed=seed).ratio
+    return row
 
 
-def load_digits(seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train [1437, 64], y_train, x_test [360, 64], y_test), pixels scaled to [0, 1]."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError as exc:
-        raise SystemExit("pof-fast demo needs scikit-learn: pip install scikit-learn") from exc
-    data = sk_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(y))
-    return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
-
-
-@torch.no_grad()
-def evaluate(model: MLP, x: Tensor, y: Tensor) -> Dict[str, float]:
-    logits = model(x)
-    return {
-        "error": (logits.argmax(1) != y).float().mean().item(),
-        "nll": nn.functional.cross_entropy(logits, y).item(),
-    }
-
-
-def batches(n: int, size: int, gen: torch.Generator):
-    order = torch.randperm(n, generator=gen)
-    return order.split(size)
-
-
-def progress(iterable, desc: str, hide: bool, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, disable=hide, leave=False, dynamic_ncols=True)
-
-
+@command("demo")
 def run(args: argparse.Namespace) -> int:
-    from pof_fast import PoF
+    from ..training import PostTrainConfig, PretrainConfig, posttrain, prepare_posttrain, pretrain, resolve_device
 
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    x_tr, y_tr, x_te, y_te = load_digits(args.seed)
-    model = MLP()
-    start = time.perf_counter()
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    quiet = (lambda message: None)
+    show = not args.no_progress
+    with tempfile.TemporaryDirectory(prefix="pof-fast-demo-") as tmp:
+        root = Path(args.out) if args.out else Path(tmp)
+        pre = PretrainConfig(model=args.model, optimizer=args.pretrain_optimizer, epochs=args.pretrain_epochs,
+                             lr=0.05, batch_size=64, schedule="cosine", seed=args.seed)
+        log(f"digits (scikit-learn): {args.model}, pretraining with {args.pretrain_optimizer.upper()} "
+            f"for {args.pretrain_epochs} epochs (lr 0.05 cosine, batch 64) ...")
+        pretrain(pre, str(root / "pretrain"), device=device, force=True, progress=show, log=quiet)
+        post = PostTrainConfig(checkpoint=str(root / "pretrain" / "model.pt"), epochs=args.epochs, lr=args.lr,
+                               gamma=args.gamma, gamma_sampling=args.gamma_sampling, method=args.method,
+                               direction=args.direction, backend=args.backend, seed=args.seed)
+        columns = {"before": _measure(*_loaded(prepare_posttrain, post.checkpoint, device), device, args.seed)}
+        if not args.no_control:
+            log(f"control: plain SGD on the feature extractor (PoF with gamma 0), lr {args.lr}, {args.epochs} epochs ...")
+            control = dataclasses.replace(post, gamma=0.0, gamma_sampling="fixed")
+            posttrain(control, str(root / "sgd"), device=device, force=True, progress=show, log=quiet)
+            columns["plain SGD"] = _measure(*_loaded(prepare_posttrain, str(root / "sgd" / "model.pt"), device),
+                                            device, args.seed)
+        result = posttrain(post, str(root / "posttrain"), device=device, force=True, progress=show, log=log)
+        columns["PoF"] = _measure(*_loaded(prepare_posttrain, str(root / "posttrain" / "model.pt"), device), device,
+                                  args.seed)
+        rows = [json.loads(line) for line in (root / "posttrain" / "metrics.jsonl").read_text().splitlines()]
+    table = [("test error", "test_error", "{:.2%}"), ("test NLL", "test_nll", "{:.4f}"),
+             ("test ECE", "test_ece", "{:.4f}"), ("head sharpness", "head_lambda_max", "{:.4f}"),
+             ("t* ratio test/train", "t_ratio", "{:.3f}")]
+    names = {"before": "before", "plain SGD": "plain SGD", "PoF": "after PoF"}
+    log("")
+    log(f"{'':<22}" + "".join(f"{names[c]:>12}" for c in columns))
+    for label, key, fmt in table:
+        log(f"{label:<22}" + "".join(f"{fmt.format(col[key]):>12}" for col in columns.values()))
+    before, after = columns["before"], columns["PoF"]
+    log(f"after PoF ({args.epochs} epochs): test error {before['test_error']:.2%} -> {after['test_error']:.2%}, "
+        f"test NLL {before['test_nll']:.4f} -> {after['test_nll']:.4f}  ({time.perf_counter() - started:.1f} s)")
+    log("head sharpness: lambda_max of the training-loss Hessian w.r.t. the head; t* ratio: median t* of test "
+        "batches / training batches along their normalised head gradient (the paper: about 2)")
+    if result.get("runaway"):
+        log(f"runaway warnings at epochs {result['runaway']}")
+    if args.plot:
+        from . import plots
+        from .common import plot_or_say
 
-    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    for _ in progress(range(args.pretrain_epochs), "pretrain (SGD)", args.no_progress, args.pretrain_epochs):
-        for idx in batches(len(y_tr), 64, gen):
-            sgd.zero_grad()
-            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
-            sgd.step()
-    before = evaluate(model, x_tr, y_tr), evaluate(model, x_te, y_te)
-    print(f"digits: {len(y_tr)} train / {len(y_te)} test rows; MLP 64-256-128-10")
-    print(f"after SGD pretraining ({args.pretrain_epochs} epochs): test error {before[1]['error']:.2%}, "
-          f"test NLL {before[1]['nll']:.4f} (train NLL {before[0]['nll']:.4f})")
-
-    opt = PoF(model.phi.parameters(), torch.optim.SGD, head=model.head, gamma=args.gamma,
-              gamma_sampling=args.gamma_sampling, method=args.method, direction=args.direction,
-              backend=args.backend, seed=args.seed, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    print(f"PoF: gamma={args.gamma} ({args.gamma_sampling}), method={args.method}, direction={args.direction}, "
-          f"lr={args.lr}, search batch 256, train batch 64")
-    print(f"{'epoch':>5} {'t*':>9} {'gamma':>6} {'||pert||':>9} {'||g||':>8} {'l(0)':>7} {'l(t*)':>7} "
-          f"{'capped':>6} {'test err':>8} {'test NLL':>8}")
-    history = []
-    for epoch in range(1, args.epochs + 1):
-        opt.reset_summary()
-        train_batches = batches(len(y_tr), 64, gen)
-        for idx in progress(train_batches, f"PoF epoch {epoch}", args.no_progress, len(train_batches)):
-            search = torch.randint(len(y_tr), (256,), generator=gen)
-            with torch.no_grad():
-                search_features = model.phi(x_tr[search])
-            opt.perturb(search_features, y_tr[search])
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
-            opt.step()
-        row = {"epoch": epoch, **opt.summary(), **{f"test_{k}": v for k, v in evaluate(model, x_te, y_te).items()}}
-        history.append(row)
-        print(f"{epoch:>5} {row['step']:>9.4f} {row['gamma']:>6.3f} {row['perturbation_norm']:>9.4f} "
-              f"{row['grad_norm']:>8.4f} {row['loss0']:>7.4f} {row['loss']:>7.4f} {row['capped_rate']:>6.1%} "
-              f"{row['test_error']:>8.2%} {row['test_nll']:>8.4f}")
-    after = evaluate(model, x_te, y_te)
-    print(f"after PoF ({args.epochs} epochs): test error {before[1]['error']:.2%} -> {after['error']:.2%}, "
-          f"test NLL {before[1]['nll']:.4f} -> {after['nll']:.4f}  ({time.perf_counter() - start:.1f} s)")
+        plot_or_say(lambda: plots.curves(rows, Path(args.plot), f"demo: PoF post-training of the {args.model}"))
     if args.json:
+        keep = ("calibration", "histories")
         with open(args.json, "w") as f:
-            json.dump({"before": before[1], "after": after, "epochs": history, "args": vars(args) | {"func": None}}, f, indent=2)
+            json.dump({**{("after" if name == "PoF" else name.replace(" ", "_")):
+                          {k: v for k, v in col.items() if k not in keep} for name, col in columns.items()},
+                       "epochs": [r for r in rows if r["epoch"] > 0],
+                       "args": {k: v for k, v in vars(args).items() if k != "func"}}, f, indent=2)
     return 0
+
+
+def _loaded(prepare: Any, checkpoint: str, device: Any) -> Tuple[Any, Any, Any, Any]:
+    from ..training import PostTrainConfig
+
+    model, phi, head, data, _ = prepare(PostTrainConfig(checkpoint=checkpoint), device)
+    return model, phi, head, data

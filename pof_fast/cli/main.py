@@ -6,7 +6,14 @@ import importlib
 from typing import Optional, Sequence
 
 # sub-command -> module exposing ``register(subparsers)``; imported only when needed.
-COMMANDS = {"demo": "pof_fast.cli.demo", "bench": "pof_fast.cli.bench"}
+COMMANDS = {
+    "demo": "pof_fast.cli.demo",
+    "pretrain": "pof_fast.cli.pretrain",
+    "posttrain": "pof_fast.cli.posttrain",
+    "eval": "pof_fast.cli.evaluate",
+    "landscape": "pof_fast.cli.landscape",
+    "bench": "pof_fast.cli.bench",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
