@@ -92,7 +92,7 @@ ext_modules, cmdclass = extensions()
 
 setup(
     packages=["pof_fast", "pof_fast.backends", "pof_fast.bench", "pof_fast.cli", "pof_fast.integrations",
-              "pof_fast.kernels"],
+              "pof_fast.kernels", "pof_fast.training"],
     package_dir={"pof_fast": "pof_fast", "pof_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -12,6 +12,7 @@ from torch import nn
 
 from pof_fast import data as datasets
 from pof_fast import training
+from pof_fast.training import posttraining, pretraining
 from pof_fast.cli.main import COMMANDS, main
 
 FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
@@ -134,7 +135,8 @@ def interrupt_after(monkeypatch, epoch):
         if path.name == "last.pt" and state["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    for loop in (pretraining, posttraining):
+        monkeypatch.setattr(loop, "save_checkpoint", save)
 
 
 def same_models(a, b):

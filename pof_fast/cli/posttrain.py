@@ -4,6 +4,10 @@ Writes into --out: ``last.pt`` (a checkpoint after every epoch: model, optimizer
 ``--resume`` continues from it exactly), ``metrics.jsonl`` (per epoch: mean t*, perturbation norm, ||g||,
 capped and skipped rates, train loss, test error, NLL and ECE), ``best.pt`` (lowest test NLL), ``model.pt``
 (the final model; the best one when ``--stop-on-runaway`` stopped the run) and, with ``--plot``, ``curves.png``.
+
+Under ``torchrun --nproc_per_node N`` every rank trains on its share of the rows (``--batch-size`` and
+``--search-batch-size`` per rank) and PoF searches the union of the ranks' search batches; rank 0 evaluates,
+prints and writes --out (see ``pof_fast.training.world``).
 """
 from __future__ import annotations
 
@@ -59,20 +63,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("posttrain")
 def run(args: argparse.Namespace) -> int:
-    from ..training import RunError, posttrain, resolve_device
+    from ..training import RunError, launch, posttrain
     from .evaluate import fill_data_from_checkpoint
     from .pretrain import plot_curves
 
-    device = resolve_device(args.device)
-    if not args.resume:
-        if not args.checkpoint:
-            raise RunError("--checkpoint FILE is needed (the trained model to post-train)")
-        if not Path(args.checkpoint).is_file():
-            raise RunError(f"checkpoint not found: {args.checkpoint}")
-        fill_data_from_checkpoint(args)
-    cfg = config(PostTrainConfig, args)
-    result = posttrain(cfg, args.out, device=device, resume=args.resume, overrides=given(PostTrainConfig, args),
-                       force=args.force, progress=not args.no_progress, log=log)
+    with launch(args.device) as world:  # under torchrun: the process group, for the whole run
+        if not args.resume:
+            if not args.checkpoint:
+                raise RunError("--checkpoint FILE is needed (the trained model to post-train)")
+            if not Path(args.checkpoint).is_file():
+                raise RunError(f"checkpoint not found: {args.checkpoint}")
+            fill_data_from_checkpoint(args)
+        cfg = config(PostTrainConfig, args)
+        result = posttrain(cfg, args.out, device=world.device, resume=args.resume,
+                           overrides=given(PostTrainConfig, args), force=args.force, progress=not args.no_progress,
+                           log=log, world=world)
+    if not world.main:
+        return 0
     before = result["before"]
     if "test_error" in result:
         log(f"test error {before['test_error']:.2%} -> {result['test_error']:.2%}, NLL {before['test_nll']:.4f} -> "
