@@ -88,7 +88,6 @@ def test_training_gradient_is_taken_at_the_perturbed_head():
 
 
 def test_skip_and_clip_when_capped():
-    phi = nn.Identity()
     for on_capped, expected in [("skip", 0.0), ("clip", 5.0)]:
         head = nn.Linear(4, 4, bias=False)
         nn.init.zeros_(head.weight)
