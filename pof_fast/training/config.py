@@ -25,34 +25,9 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig(DataConfig):
-    """Training from scratch. The defaults suit the digits MLP (a few seconds on a CPU); CIFAR recipes use
-    lr 0.1, batch 128, 200 epochs."""
+class OptimizerConfig(DataConfig):
+    """What both loops share: the SGD-style hyperparameters, the learning-rate schedule, epochs, batch size."""
 
-    model: str = "mlp"
-    optimizer: str = "sgd"  # sgd or sam
-    rho: float = 0.05
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: Tuple[int, ...] = ()
-    lr_decay: float = 0.1
-    epochs: int = 60
-    batch_size: int = 64
-    seed: int = 0
-
-
-@dataclass
-class PostTrainConfig(DataConfig):
-    """PoF from a checkpoint (see :class:`pof_fast.PoF` for the PoF options)."""
-
-    checkpoint: str = ""
-    head: Optional[str] = None
-    model: Optional[str] = None  # the architecture of a plain state_dict checkpoint
-    unsafe_load: bool = False
-    base_optimizer: str = "sgd"  # sgd, adam, adamw
     lr: float = 1e-3
     momentum: float = 0.9
     nesterov: bool = True
@@ -62,6 +37,31 @@ class PostTrainConfig(DataConfig):
     lr_decay: float = 0.1
     epochs: int = 30
     batch_size: int = 64
+
+
+@dataclass
+class PretrainConfig(OptimizerConfig):
+    """Training from scratch. The defaults suit the digits MLP (a few seconds on a CPU); CIFAR recipes use
+    lr 0.1, batch 128, 200 epochs."""
+
+    lr: float = 0.05
+    schedule: str = "cosine"
+    epochs: int = 60
+    model: str = "mlp"
+    optimizer: str = "sgd"  # sgd or sam
+    rho: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class PostTrainConfig(OptimizerConfig):
+    """PoF from a checkpoint (see :class:`pof_fast.PoF` for the PoF options)."""
+
+    checkpoint: str = ""
+    head: Optional[str] = None
+    model: Optional[str] = None  # the architecture of a plain state_dict checkpoint
+    unsafe_load: bool = False
+    base_optimizer: str = "sgd"  # sgd, adam, adamw
     search_batch_size: int = 256
     gamma: float = 2.0
     gamma_sampling: str = "uniform"
