@@ -6,9 +6,10 @@
 # timeout; a stage that fails or times out is recorded in env.txt and the next one still runs.
 # The GPU-marked tests (pytest -m "cuda or triton") run in two halves: the Triton ones while the extension
 # compiles (they do not use it), the rest once it is built; then the CPU suites that load the fresh build.
-# The A-C benchmark also times each backend's search as a CUDA graph replay. STEP=0 skips the step benchmark.
-# Worst case about 10 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
-# and graph rows and the split test stages.
+# The A-C benchmark also times each backend's search as a CUDA graph replay; the last stage sweeps the Triton
+# kernels' block sizes (benchmarks/sweep_triton.py). STEP=0 skips the step benchmark, SWEEP=0 the sweep.
+# Worst case 11 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
+# and graph rows, the split test stages and the sweep.
 set -u
 OUT=${OUT:?set OUT to the folder whose files come back}
 mkdir -p "$OUT"
@@ -62,5 +63,9 @@ stage bench_d 150 "$OUT/bench_d.txt" $PY benchmarks/run.py --device cuda --cases
 
 if [ "${STEP:-1}" != 0 ]; then
   stage step 60 "$OUT/env.txt" $PY benchmarks/step.py --device cuda --model wrn-28-10
+fi
+# Block-size sweep of the Triton kernels (its table goes to bench_d.txt: $OUT brings back 8 files at most).
+if [ "${SWEEP:-1}" != 0 ]; then
+  stage sweep 75 "$OUT/bench_d.txt" $PY benchmarks/sweep_triton.py
 fi
 echo "total ${SECONDS} s" >> "$OUT/env.txt"
