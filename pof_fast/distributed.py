@@ -40,13 +40,6 @@ def collectives(plan: SearchPlan, sharded_classes: bool = False) -> int:
     return 1 + rounds
 
 
-def _scale(grad_norm: Tensor, normalized: bool) -> Tensor:
-    positive = grad_norm > 0
-    if normalized:
-        return torch.where(positive, 1.0 / torch.where(positive, grad_norm, torch.ones_like(grad_norm)), 0.0)
-    return positive.to(grad_norm.dtype)
-
-
 def union_search(backend: Backend, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                  plan: SearchPlan, group: ProcessGroup) -> SearchTensors:
     """The search on the union of the ranks' batches with ``backend``'s ops; see the module docstring."""
@@ -61,9 +54,9 @@ def union_search(backend: Backend, features: Tensor, weight: Tensor, bias: Optio
     classes, dim = weight.shape
     grad_weight = (buffer[: classes * dim] / m).view(classes, dim)
     grad_bias = buffer[classes * dim: -1] / m if bias is not None else None
-    squares = grad_weight.square().sum() + (grad_bias.square().sum() if grad_bias is not None else 0.0)
-    grad_norm = squares.sqrt()
-    grad = HeadGradient(local.logits, None, grad_weight, grad_bias, grad_norm, _scale(grad_norm, plan.normalized))
+    grad_norm = reference.squared_norm(grad_weight, grad_bias).sqrt()
+    grad = HeadGradient(local.logits, None, grad_weight, grad_bias, grad_norm,
+                        reference.direction_scale(grad_norm, plan.normalized))
     # 2. This rank's direction logits along the global u (residual None: the Gram form would use the local R).
     direction = backend.direction_logits(features, grad)
     logits = local.logits if local.logits is not None else torch.nn.functional.linear(features, weight, bias)
@@ -113,10 +106,10 @@ def sharded_search(features: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     residual = ((z0 - _global_lse(z0, group)[:, None]).exp() - one_hot) * row_weight[:, None]
     grad_weight = residual.t() @ h
     grad_bias = residual.sum(0) if bias is not None else None
-    squares = grad_weight.square().sum() + (grad_bias.square().sum() if grad_bias is not None else 0.0)
+    squares = reference.squared_norm(grad_weight, grad_bias)
     dist.all_reduce(squares, group=group)
     grad_norm = squares.sqrt()
-    scale = _scale(grad_norm, plan.normalized)
+    scale = reference.direction_scale(grad_norm, plan.normalized)
     d = reference.direction_logits(h, grad_weight, grad_bias, scale)
     # 2. The target logit and its direction entry, from the rank that owns the label.
     target_terms = torch.stack([(z0 * one_hot).sum(1), (d * one_hot).sum(1)])

@@ -18,6 +18,8 @@ __all__ = [
     "label_rows",
     "head_residual",
     "head_gradient",
+    "squared_norm",
+    "direction_scale",
     "direction_logits",
     "line_stats",
     "script_search",
@@ -70,16 +72,22 @@ def head_gradient(
     acc = residual.dtype
     grad_weight = residual.t() @ features.to(acc)
     grad_bias = residual.sum(0) if bias is not None else None
+    grad_norm = squared_norm(grad_weight, grad_bias).sqrt()
+    return HeadGradient(logits, residual, grad_weight, grad_bias, grad_norm, direction_scale(grad_norm, normalized))
+
+
+def squared_norm(grad_weight: Tensor, grad_bias: Optional[Tensor]) -> Tensor:
+    """0-d ||g_W||^2 + ||g_b||^2."""
     sq = grad_weight.square().sum()
-    if grad_bias is not None:
-        sq = sq + grad_bias.square().sum()
-    grad_norm = sq.sqrt()
+    return sq + grad_bias.square().sum() if grad_bias is not None else sq
+
+
+def direction_scale(grad_norm: Tensor, normalized: bool) -> Tensor:
+    """0-d factor with u = scale * g: 1/||g|| (normalized) or 1 (raw), 0 when g = 0 (never NaN)."""
     positive = grad_norm > 0
     if normalized:
-        scale = torch.where(positive, 1.0 / torch.where(positive, grad_norm, 1.0), 0.0)
-    else:
-        scale = positive.to(acc)
-    return HeadGradient(logits, residual, grad_weight, grad_bias, grad_norm, scale)
+        return torch.where(positive, 1.0 / torch.where(positive, grad_norm, 1.0), 0.0)
+    return positive.to(grad_norm.dtype)
 
 
 def direction_logits(
