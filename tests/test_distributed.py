@@ -5,44 +5,18 @@ the same process. Checks: t* and directions bitwise equal across ranks, equal to
 tolerance, the collectives counted; PoF with a DDP- or FSDP2-wrapped feature extractor keeps the ranks'
 weights identical and the head at theta0.
 """
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 import pof_fast
 from pof_fast import distributed
 from pof_fast._types import SearchPlan
+from gloo import WORLD, gathered_equal, spawn
 
-WORLD = 2
 FIELDS = ("step", "grad_norm", "loss0", "loss", "capped", "direction_norm")
-
-
-def spawn(worker, *args):
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_entry, args=(worker, os.path.join(tmp, "init"), results, args), nprocs=WORLD, join=True)
-        return dict(results)
-
-
-def _entry(rank, worker, init_file, results, args):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results[rank] = worker(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def gathered_equal(tensor):
-    """Whether ``tensor`` is bitwise the same on every rank."""
-    parts = [torch.empty_like(tensor) for _ in range(WORLD)]
-    dist.all_gather(parts, tensor.contiguous())
-    return all(torch.equal(parts[0], p) for p in parts[1:])
 
 
 def count_collectives(monkeypatch_target):
