@@ -38,7 +38,6 @@ LOGITS_FREE_ELEMENTS = 1 << 27
 RESIDUAL_CHUNK_ELEMENTS = 1 << 24
 
 
-
 def interpreting() -> bool:
     """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -64,6 +63,12 @@ def load_kernels() -> ModuleType:
     for sub in ("line_stats", "head_residual", "logits_free"):
         importlib.import_module(f"{name}.{sub}")
     return sys.modules[name]
+
+
+def _on_kernels(*tensors: Tensor) -> bool:
+    """Whether the kernels take these tensors: all of one dtype among theirs (others go to the reference ops)."""
+    dtypes = {t.dtype for t in tensors}
+    return len(dtypes) == 1 and dtypes <= set(load_kernels().line_stats.FLOAT_DTYPES)
 
 
 def _compile_errors() -> tuple:
@@ -108,7 +113,8 @@ class TritonBackend(Backend):
     def line_stats(
         self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
     ) -> Tensor:
-        if logits.dtype not in load_kernels().line_stats.FLOAT_DTYPES or direction.dtype not in load_kernels().line_stats.FLOAT_DTYPES:
+        kinds = load_kernels().line_stats.FLOAT_DTYPES
+        if logits.dtype not in kinds or direction.dtype not in kinds:  # the kernel mixes the two float dtypes
             return super().line_stats(logits, direction, target, steps, ignore_index)
         return load_kernels().line_stats.line_stats(logits, direction, target, steps, ignore_index)
 
@@ -117,7 +123,7 @@ class TritonBackend(Backend):
         ignore_index: int, normalized: bool,
     ) -> HeadGradient:
         """z0 and g_W by cuBLAS; R, g_b, ||g|| and the scale by the fused kernels (no host sync)."""
-        if features.dtype not in load_kernels().line_stats.FLOAT_DTYPES or weight.dtype != features.dtype:
+        if not _on_kernels(features, weight):
             return super().head_gradient(features, weight, bias, target, ignore_index, normalized)
         k = load_kernels()
         logits = F.linear(features, weight, bias)
@@ -164,7 +170,7 @@ class TritonBackend(Backend):
     def _search(
         self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
     ) -> tuple[HeadGradient, SearchOutcome]:
-        if features.dtype not in load_kernels().line_stats.FLOAT_DTYPES or weight.dtype != features.dtype:
+        if not _on_kernels(features, weight):
             grad = self.head_gradient(features, weight, bias, target, plan.ignore_index, plan.normalized)
             return grad, self.search(grad.logits, self.direction_logits(features, grad), target, plan)
         logits_free = plan.logits_free
