@@ -59,10 +59,9 @@ def union_search(backend: Backend, features: Tensor, weight: Tensor, bias: Optio
                         reference.direction_scale(grad_norm, plan.normalized))
     # 2. This rank's direction logits along the global u (residual None: the Gram form would use the local R).
     direction = backend.direction_logits(features, grad)
-    logits = local.logits if local.logits is not None else torch.nn.functional.linear(features, weight, bias)
 
     def stats(steps: Tensor) -> Tensor:  # 3. one all-reduce per scoring round
-        sums = backend.line_stats(logits, direction, target, steps, plan.ignore_index) * m_local
+        sums = backend.line_stats(local.logits, direction, target, steps, plan.ignore_index) * m_local
         dist.all_reduce(sums, group=group)
         return sums / m
 
