@@ -8,7 +8,7 @@
 # compiles (they do not use it), the rest once it is built; then the CPU suites that load the fresh build.
 # The A-C benchmark also times each backend's search as a CUDA graph replay; the last stage sweeps the Triton
 # kernels' block sizes (benchmarks/sweep_triton.py). STEP=0 skips the step benchmark, SWEEP=0 the sweep.
-# Worst case 11 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
+# Worst case 11.5 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
 # and graph rows, the split test stages and the sweep.
 set -u
 OUT=${OUT:?set OUT to the folder whose files come back}
@@ -60,6 +60,8 @@ stage tests_ext 60 "$OUT/tests.log" env OMP_NUM_THREADS=2 $PY -m pytest -q -rfE 
 stage bench_abc 150 "$OUT/bench_abc.txt" $PY benchmarks/run.py --device cuda --cases A,B,C \
   --json "$OUT/bench_abc.json" --plot "$OUT/speedup_cuda.png"
 stage bench_d 150 "$OUT/bench_d.txt" $PY benchmarks/run.py --device cuda --cases D --json "$OUT/bench_d.json"
+# Large 16-bit heads: u and ||g|| against the float64 oracle (README, Backends).
+stage accuracy 40 "$OUT/bench_d.txt" $PY benchmarks/accuracy_16bit.py --backend cuda
 
 if [ "${STEP:-1}" != 0 ]; then
   stage step 60 "$OUT/env.txt" $PY benchmarks/step.py --device cuda --model wrn-28-10

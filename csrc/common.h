@@ -24,13 +24,20 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+inline bool is_16bit(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
 // 16-bit features on a GPU: the g_W and d products run on tensor cores (16-bit operands, fp32 output).
-inline bool tensor_core_gemms(const at::Tensor& features) {
-  return features.is_cuda() && (features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16);
-}
+inline bool tensor_core_gemms(const at::Tensor& features) { return features.is_cuda() && is_16bit(features); }
 
 // d = h g_W^T as (h h^T) R: n^2 (D + C) multiply-adds instead of n D C, cheaper when n is small.
 inline bool gram_cheaper(int64_t n, int64_t D, int64_t C) { return n * (D + C) < D * C; }
+
+// 16-bit features and d formed as h u_W^T (large heads, every device): R and d are stored in the input dtype, so
+// that the search's peak holds two 16-bit [n, C] arrays (z0 and R, then z0 and d), and d is formed from u_W rounded
+// to that dtype (the rounded u_W is the direction returned).
+inline bool stores_16bit_lines(const at::Tensor& features, int64_t classes) {
+  return is_16bit(features) && !gram_cheaper(features.size(0), features.size(1), classes);
+}
 
 // Checks shared by the line_stats and search ops; returns target as contiguous int64.
 at::Tensor check_line_inputs(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target);
@@ -38,7 +45,9 @@ at::Tensor check_line_inputs(const at::Tensor& logits, const at::Tensor& directi
 // Ops, CPU implementations (csrc/*.cpp).
 at::Tensor line_stats_cpu(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
                           const at::Tensor& steps, int64_t ignore_index);
-at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index);
+// R in out_dtype: the accumulation dtype, or the 16-bit dtype of the logits (stores_16bit_lines).
+at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                             at::ScalarType out_dtype);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cpu(
     const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
     double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
@@ -51,6 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_weight,
                             const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale,
                             const c10::optional<at::Tensor>& residual);
+// d = h u_W^T + u_b as a 16-bit [n, C] array (stores_16bit_lines); unit_weight and unit_bias (fp32 u) are rounded
+// in place to the features' dtype first, so d is formed from the values they then hold.
+at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& unit_weight,
+                                  const c10::optional<at::Tensor>& unit_bias);
 
 // The whole search (csrc/line_search.cpp): step, u_W, u_b ([0] without bias), ||g||, l(0), l(t*), capped, ||u||
 // (pof_fast._types.SearchTensors).
@@ -70,8 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
     const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
     double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
     int64_t newton_points);
-at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index);
-// (g_b or undefined, ||g||, scale) from residual and g_W, all on the device, no host synchronisation.
+at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                              at::ScalarType out_dtype);
+// (g_b or undefined, ||g||, scale) in g_W's dtype from residual (any float dtype) and g_W, all on the device, no
+// host synchronisation.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_finish_cuda(const at::Tensor& residual,
                                                                 const at::Tensor& grad_weight, bool with_bias,
                                                                 bool normalized);

@@ -5,6 +5,7 @@
 //   g_W = R^T h,  g_b = colsum(R),  ||g|| = sqrt(||g_W||^2 + ||g_b||^2)
 //   scale = 1/||g|| (normalized) or 1 (raw), 0 when g = 0
 //   d   = (h g_W^T + g_b) * scale,  or (h h^T) R when that product is cheaper (SPEC section 4)
+// Large 16-bit heads (stores_16bit_lines): R and d in the input dtype, d = h u16^T + u_b from u_W rounded to it.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -66,24 +67,24 @@ void residual_row(double* r, int64_t Cp, int64_t y, double inv_m) {
   r[y] -= inv_m;
 }
 
-// out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, copied out;
-// ignored rows zero, rows with a label outside [0, C) NaN.
-template <typename T>
+// out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, copied out (converted
+// to O); ignored rows zero, rows with a label outside [0, C) NaN.
+template <typename T, typename O>
 void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, const int64_t* y, int64_t n,
-                   int64_t C, int64_t ignore_index, T* out) {
+                   int64_t C, int64_t ignore_index, O* out) {
   const T inv_m = T(1) / T(std::max<int64_t>(cpu::count_rows(y, n, ignore_index), 1));
   const int64_t Cp = cpu::padded(C);
   const int64_t grain = std::max<int64_t>(1, 16384 / Cp);
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     std::vector<T> buf(Cp);
     for (int64_t i = i0; i < i1; ++i) {
-      T* r = out + i * C;
+      O* r = out + i * C;
       if (y[i] == ignore_index) {
-        std::fill(r, r + C, T(0));
+        std::fill(r, r + C, O(0));
         continue;
       }
       if (y[i] < 0 || y[i] >= C) {  // a counted label outside [0, C): a NaN row, as every backend gives
-        std::fill(r, r + C, std::numeric_limits<T>::quiet_NaN());
+        std::fill(r, r + C, O(std::numeric_limits<T>::quiet_NaN()));
         continue;
       }
       load(z + i * z_row_bytes, buf.data(), C, Cp, T(-1e30));
@@ -93,24 +94,33 @@ void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, con
   });
 }
 
-at::Tensor head_residual(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+at::Tensor head_residual(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                         at::ScalarType out_dtype) {
 #ifdef POF_FAST_WITH_CUDA
-  if (logits.is_cuda()) return head_residual_cuda(logits, target, ignore_index);
+  if (logits.is_cuda()) return head_residual_cuda(logits, target, ignore_index, out_dtype);
 #endif
-  return head_residual_cpu(logits, target, ignore_index);
+  return head_residual_cpu(logits, target, ignore_index, out_dtype);
 }
+
+// Classes of u_W rounded and multiplied per chunk in direction_logits_16bit: 2^22 elements, so that the 16-bit copy
+// of a chunk (8 MiB) stays small next to the two [n, C] arrays of the search.
+constexpr int64_t kRoundChunkElements = int64_t(1) << 22;
 
 }  // namespace
 
-at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                             at::ScalarType out_dtype) {
   const at::Tensor z = logits.contiguous();
   const at::Tensor y = target.to(at::kLong).contiguous();
   const at::ScalarType acc = accumulation_type(z.scalar_type());
-  at::Tensor out = at::empty(z.sizes(), z.options().dtype(acc));
+  at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES(acc, "pof_fast.head_residual", [&] {
-    residual_rows<scalar_t>(static_cast<const char*>(z.data_ptr()), z.size(1) * z.element_size(),
-                            cpu::row_loader<scalar_t>(z.scalar_type()), y.data_ptr<int64_t>(), z.size(0),
-                            z.size(1), ignore_index, out.data_ptr<scalar_t>());
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pof_fast.head_residual_out", [&] {
+      residual_rows<T, scalar_t>(static_cast<const char*>(z.data_ptr()), z.size(1) * z.element_size(),
+                                 cpu::row_loader<T>(z.scalar_type()), y.data_ptr<int64_t>(), z.size(0), z.size(1),
+                                 ignore_index, out.data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -137,19 +147,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   // 1. z0 = h W0^T + b0, in the input dtype as the reference computes it.
   const at::Tensor logits = at::linear(features, weight, with_bias ? *bias : at::Tensor());
-  // 2. R, fused: softmax, one-hot and 1/m in one pass per row.
-  const at::Tensor residual = head_residual(logits, target, ignore_index);
-  // 3. g_W = R^T h, accumulated in fp32/fp64. 16-bit features on CUDA: tensor cores, R rounded to the input
-  // dtype with fp32 output (cuBLAS); elsewhere (CPU, fp32/fp64) in the accumulation dtype.
+  // 2. R, fused: softmax, one-hot and 1/m in one pass per row; stored in the input dtype for large 16-bit heads.
+  const at::ScalarType acc = accumulation_type(features.scalar_type());
+  const at::Tensor residual = head_residual(
+      logits, target, ignore_index, stores_16bit_lines(features, weight.size(0)) ? features.scalar_type() : acc);
+  // 3. g_W = R^T h, accumulated in fp32/fp64. 16-bit features on CUDA: tensor cores, R in the input dtype with
+  // fp32 output (cuBLAS); elsewhere (CPU, fp32/fp64) in the accumulation dtype.
   const at::Tensor grad_weight = tensor_core_gemms(features)
                                      ? at::mm(residual.t().to(features.scalar_type()), features, at::kFloat)
-                                     : at::mm(residual.t(), features.to(residual.scalar_type()));
+                                     : at::mm(residual.t().to(acc), features.to(acc));
   at::Tensor grad_bias, norm, scale;
 #ifdef POF_FAST_WITH_CUDA
   if (features.is_cuda()) {
     // 4. g_b, ||g|| and the scale on the device (csrc/cuda/head_residual.cu), no host synchronisation.
     std::tie(grad_bias, norm, scale) = grad_finish_cuda(residual, grad_weight, with_bias, normalized);
-    if (!with_bias) grad_bias = at::empty({0}, residual.options());
+    if (!with_bias) grad_bias = at::empty({0}, grad_weight.options());
     return {logits, residual, grad_weight, grad_bias, norm, scale};
   }
 #endif
@@ -158,10 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // error 2.6e-4 on a 1000 x 2560 head, 1.8e-3 on 32000 x 1024; the two-level form: 1e-9 and 3e-7).
   norm = at::linalg_vector_norm(at::linalg_vector_norm(grad_weight, 2, at::IntArrayRef{1}), 2);
   if (with_bias) {
-    grad_bias = residual.sum(0);
+    grad_bias = at::sum(residual, {0}, false, acc);
     norm = at::linalg_vector_norm(at::stack({norm, at::linalg_vector_norm(grad_bias)}));
   } else {
-    grad_bias = at::empty({0}, residual.options());
+    grad_bias = at::empty({0}, grad_weight.options());
   }
   const at::Tensor positive = norm > 0;
   scale = normalized ? at::where(positive, norm.reciprocal(), at::zeros_like(norm)) : positive.to(norm.scalar_type());
@@ -179,16 +191,16 @@ at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_w
   POF_CHECK_SAME_DEVICE(scale, features, "scale", "features");
   const int64_t n = features.size(0), D = features.size(1), C = grad_weight.size(0);
   const bool gram = residual.has_value() && residual->defined() && gram_cheaper(n, D, C);
-  at::Tensor d;
-  if (!gram && tensor_core_gemms(features)) {
-    // d = h g_W^T on tensor cores from g_W rounded to the input dtype (line_search returns that rounded g_W).
-    d = at::mm(features, grad_weight.to(features.scalar_type()).t(), at::kFloat);
-  } else {
-    const at::Tensor h = features.to(grad_weight.scalar_type());
-    // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
-    d = gram ? at::mm(at::mm(h, h.t()), residual->to(grad_weight.scalar_type())) : at::mm(h, grad_weight.t());
-  }
   const bool with_bias = grad_bias.has_value() && grad_bias->defined() && grad_bias->numel() > 0;
+  if (!gram && is_16bit(features)) {  // u = scale g in a copy (g is the caller's), then the 16-bit d of u
+    at::Tensor unit_weight = grad_weight * scale;
+    return direction_logits_16bit(features, unit_weight,
+                                  with_bias ? c10::optional<at::Tensor>(*grad_bias * scale) : c10::nullopt);
+  }
+  const at::Tensor h = features.to(grad_weight.scalar_type());
+  // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
+  at::Tensor d =
+      gram ? at::mm(at::mm(h, h.t()), residual->to(grad_weight.scalar_type())) : at::mm(h, grad_weight.t());
 #ifdef POF_FAST_WITH_CUDA
   if (d.is_cuda()) {
     direction_epilogue_cuda(d, with_bias ? grad_bias : c10::nullopt, scale);
@@ -197,6 +209,35 @@ at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_w
 #endif
   if (with_bias) d.add_(*grad_bias);
   return d.mul_(scale);
+}
+
+at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& unit_weight,
+                                  const c10::optional<at::Tensor>& unit_bias) {
+  const at::ScalarType dtype = features.scalar_type();
+  const int64_t C = unit_weight.size(0);
+  const int64_t chunk = std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, unit_weight.size(1)));
+  const bool with_bias = unit_bias.has_value() && unit_bias->defined() && unit_bias->numel() > 0;
+  at::Tensor bias;
+  if (with_bias) {
+    bias = unit_bias->to(dtype);
+    unit_bias->copy_(bias);
+  }
+  at::Tensor d = at::empty({features.size(0), C}, features.options());
+  for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+    const int64_t c1 = std::min(C, c0 + chunk);
+    at::Tensor u = unit_weight.slice(0, c0, c1);
+    const at::Tensor rounded = u.to(dtype);
+    u.copy_(rounded);
+    // d[:, c0:c1] = h u^T + u_b: 16-bit operands, fp32 accumulation (tensor cores on a GPU), one rounding at the
+    // end, written in place (leading dimension C).
+    at::Tensor columns = d.slice(1, c0, c1);
+    if (with_bias) {
+      at::addmm_out(columns, bias.slice(0, c0, c1), features, rounded.t());
+    } else {
+      at::mm_out(columns, features, rounded.t());
+    }
+  }
+  return d;
 }
 
 }  // namespace pof_fast

@@ -15,15 +15,23 @@ SearchTensors line_search(const at::Tensor& features, const at::Tensor& weight,
   auto [logits, residual, grad_weight, grad_bias, grad_norm, scale] =
       head_gradient(features, weight, bias, target, ignore_index, normalized);
   const bool with_bias = bias.has_value() && bias->defined();
-  if (tensor_core_gemms(features) && !gram_cheaper(features.size(0), features.size(1), weight.size(0))) {
-    // d is formed on tensor cores from g_W rounded to the input dtype: return that rounded g_W, so that the
-    // line searched is the line returned (||g|| and the scale stay those of the fp32 g_W).
-    grad_weight.copy_(grad_weight.to(features.scalar_type()));
+  // 2. d = h u_W^T + u_b, and u = scale * g in place (g is ours).
+  at::Tensor direction;
+  if (stores_16bit_lines(features, weight.size(0))) {
+    // R is spent: freed before d is formed, so that z0 and d are the only [n, C] arrays held. u_W is rounded to the
+    // input dtype in place and d formed from it: the line searched is the line returned (||g|| and the scale stay
+    // those of the fp32 g).
+    residual = at::Tensor();
+    grad_weight.mul_(scale);
+    grad_bias.mul_(scale);  // [0] without a bias
+    direction = direction_logits_16bit(features, grad_weight,
+                                       with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt);
+  } else {
+    direction = direction_logits(features, grad_weight,
+                                 with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt, scale, residual);
+    grad_weight.mul_(scale);
+    grad_bias.mul_(scale);
   }
-  // 2. d = h u_W^T + u_b, scaled.
-  const at::Tensor direction =
-      direction_logits(features, grad_weight, with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt, scale,
-                       residual);
   // 3. The driver over z0 and d.
 #ifdef POF_FAST_WITH_CUDA
   auto [step, loss0, loss, capped] =
@@ -35,10 +43,8 @@ SearchTensors line_search(const at::Tensor& features, const at::Tensor& weight,
   auto [step, loss0, loss, capped] = search_cpu(logits, direction, target, method, init_step, max_step, partitions,
                                                 ignore_index, newton_iterations, newton_points);
 #endif
-  // 4. The result: u = scale * g in place (g is ours); g = 0 has no direction, so no step.
+  // 4. The result; g = 0 has no direction, so no step.
   const at::Tensor has_direction = grad_norm > 0;
-  grad_weight.mul_(scale);
-  grad_bias.mul_(scale);  // [0] without a bias
   return {at::where(has_direction, step, at::zeros_like(step)),
           grad_weight,
           grad_bias,

@@ -23,6 +23,15 @@ _error: Optional[BaseException] = None
 _tried = False
 
 
+def _gram_cheaper(rows: int, dim: int, classes: int) -> bool:
+    """csrc/common.h ``gram_cheaper``: d as (h h^T) R costs fewer multiply-adds than h g_W^T."""
+    return rows * (dim + classes) < dim * classes
+
+
+def _is_16bit(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
 def _register_fakes() -> None:
     """Shape/dtype-only kernels for torch.compile (FakeTensor tracing); nothing is computed."""
     lib = "pof_fast::"
@@ -36,14 +45,19 @@ def _register_fakes() -> None:
         acc = _accumulation(features.dtype)
         n, classes = features.shape[0], weight.shape[0]
         logits = features.new_empty((n, classes))
-        residual = features.new_empty((n, classes), dtype=acc)
+        # csrc/common.h stores_16bit_lines: large 16-bit heads keep R in the input dtype.
+        stored = features.dtype if _is_16bit(features) and not _gram_cheaper(n, features.shape[1], classes) else acc
+        residual = features.new_empty((n, classes), dtype=stored)
         grad_weight = features.new_empty((classes, features.shape[1]), dtype=acc)
         grad_bias = features.new_empty((classes if bias is not None else 0,), dtype=acc)
         return logits, residual, grad_weight, grad_bias, features.new_empty((), dtype=acc), features.new_empty((), dtype=acc)
 
     @torch.library.register_fake(lib + "direction_logits")
     def _direction_logits(features, grad_weight, grad_bias, scale, residual):
-        return features.new_empty((features.shape[0], grad_weight.shape[0]), dtype=grad_weight.dtype)
+        n, classes = features.shape[0], grad_weight.shape[0]
+        gram = residual is not None and _gram_cheaper(n, features.shape[1], classes)
+        return features.new_empty((n, classes), dtype=features.dtype if _is_16bit(features) and not gram
+                                  else grad_weight.dtype)
 
     @torch.library.register_fake(lib + "search")
     def _search(logits, direction, target, method, init_step, max_step, partitions, ignore_index,

@@ -102,7 +102,7 @@ def search_rows(auto, script_speedup):
         return dict(kind=kind, name=auto, method="bracket_grid", direction="raw", x_floor=x_floor,
                     speedup=speedup, peak_bytes=0)
 
-    return {"n": 256, "classes": 10, "rows": [row("backend", {b: 40.0 for b in BASELINES}, 1.5),
+    return {"n": 256, "dim": 640, "classes": 10, "rows": [row("backend", {b: 40.0 for b in BASELINES}, 1.5),
                                               row("graph", dict(script=script_speedup, eager=40.0, compile=2.0), 1.0)]}
 
 
@@ -114,7 +114,9 @@ def test_cuda_targets_are_judged_on_calls_and_graph_replays_of_cuda_and_auto():
     for baseline in ("script", "compile"):
         assert {k[2:] for k in got if k[:2] == ("A", baseline)} == judged
     assert {k[2:] for k in got if k[:2] == ("A", "eager")} == {(auto, "call")}
-    assert not any(k[0] == "D" and k[1] != "memory" for k in got)  # speed-ups and floors are A-C targets
+    # case D: speed-ups of the cuda call only (the LM-head targets), besides floors, newton and memory
+    assert {k[1:] for k in got if k[0] == "D" and k[1] in ("script", "eager", "compile")} == {
+        ("script", "cuda", "call"), ("compile", "cuda", "call")}
     assert got["A", "script", auto, "call"]["met"] and not got["A", "script", auto, "graph"]["met"]
     assert got["B", "script", auto, "graph"]["met"] and got["A", "compile", auto, "graph"]["met"]
     if auto != "cuda":  # no cuda rows: nan, never met
@@ -137,6 +139,26 @@ def test_floor_target_is_judged_on_the_auto_bracket_grid_row():
     assert floor["A"]["met"] and floor["A"]["value"] == 1.5
     assert not floor["B"]["met"]
     assert not floor["C"]["met"] and floor["C"]["value"] != floor["C"]["value"]  # nan: no bracket_grid row
+
+
+def test_case_d_targets_judge_newton_and_memory_per_backend():
+    """Newton within 1.5x of bracket_grid on its backend; peak memory beyond the returned direction in 16-bit
+    [n, C] arrays: two (plus an 8 MiB chunk) for cuda, none (plus a 16-bit u_W) for triton."""
+    n, classes, dim = 64, 1000, 32
+    array, returned = n * classes * 2, classes * dim * 4 + classes * 4
+
+    def row(name, method, median_s, peak_bytes):
+        return dict(kind="backend", name=name, method=method, median_s=median_s, peak_bytes=peak_bytes,
+                    x_floor=1.0, speedup={b: 10.0 for b in BASELINES})
+
+    rows = [row("cuda", "bracket_grid", 1.0, returned + 2 * array + (1 << 23)), row("cuda", "newton", 1.4, 0),
+            row("triton", "bracket_grid", 1.0, returned + classes * dim * 2 + 1), row("triton", "newton", 1.6, 0)]
+    got = {(t["backend"], t["baseline"]): t for t in judge_targets("cuda", {"D": dict(
+        n=n, classes=classes, dim=dim, rows=rows)})}
+    assert got["cuda", "bracket_grid"]["met"] and got["cuda", "bracket_grid"]["value"] == pytest.approx(1.4)
+    assert not got["triton", "bracket_grid"]["met"]
+    assert got["cuda", "memory"]["met"] and got["cuda", "memory"]["value"] == pytest.approx(2 + (1 << 23) / array)
+    assert not got["triton", "memory"]["met"]  # one byte over its 16-bit u_W
 
 
 def test_table_puts_each_graph_replay_under_its_call_in_aligned_columns():

@@ -135,3 +135,18 @@ def test_registered_op_passes_opcheck(backend):
     for bias in (b, None):
         args = (h, w, bias, y, "bracket_grid", True, 1.0, 100.0, 16, -100, 8, 8, None)
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("n,dim,classes", [(4, 40, 30), (29, 40, 17)])  # the Gram form; 16-bit R and d
+def test_compiled_parts_fakes_give_the_dtypes_of_16bit_heads(n, dim, classes):
+    """The extension's part ops on bf16 heads: the fakes must say where R and d are stored in bf16."""
+    require("cpp")
+    ops = torch.ops.pof_fast
+    h, w, b, y = head_problem(n, dim, classes, dtype=torch.bfloat16, seed=2)
+    torch.library.opcheck(ops.head_gradient.default, (h, w, b, y, -100, True))
+    logits, residual, grad_weight, grad_bias, _, scale = ops.head_gradient(h, w, b, y, -100, True)
+    assert residual.dtype == (torch.float32 if n * (dim + classes) < dim * classes else torch.bfloat16)
+    for r in (residual, None):
+        torch.library.opcheck(ops.direction_logits.default, (h, grad_weight, grad_bias, scale, r))
+    torch.library.opcheck(ops.line_search.default, (h, w, b, y, "bracket_grid", True, 1.0, 100.0, 16, -100, 8, 8,
+                                                    None))

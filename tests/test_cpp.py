@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import oracle
 import pof_fast
 from pof_fast import _ext, dispatch, reference
-from pof_fast._types import CURVATURE, LOSS, SLOPE, SearchOutcome
+from pof_fast._types import CURVATURE, LOSS, SLOPE, SearchOutcome, SearchTensors
 from problems import head_problem, line_problem
 
 if not _ext.available() and not os.environ.get("POF_FAST_REQUIRE_EXT"):
@@ -205,14 +205,55 @@ def test_head_residual_huge_and_tiny_logits(dtype, scale):
     assert torch.isfinite(norm)
 
 
-def test_head_gradient_bf16_features():
-    h, w, _, y = head_problem(29, 40, 17, bias=False, dtype=torch.bfloat16, spread=40**0.5 / 7, seed=3)
+def test_head_gradient_bf16_features_small_batch():
+    """Gram-form shapes (n small next to D and C): R stays fp32."""
+    h, w, _, y = head_problem(4, 40, 30, bias=False, dtype=torch.bfloat16, spread=40**0.5 / 7, seed=3)
     logits, residual, gw, _, _, _ = ops.head_gradient(h, w, None, y, -100, True)
     assert logits.dtype == torch.bfloat16 and residual.dtype == gw.dtype == torch.float32
     want = oracle.head_gradient(h, w, None, y)[1]  # float64 from the same bf16 inputs, except z0's bf16 rounding
     oracle.assert_close(gw, want, 2e-3, 2e-2, "grad_weight bf16")
     # on the op's own bf16 logits the float64 gradient is matched to fp32 accumulation
     oracle.assert_close(gw, oracle.line(h, w, None, y, True, rounded_logits=True)[2], 1e-6, 1e-4, "g_W on bf16 z0")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_gradient_bf16_features_large_head(bias):
+    """Large 16-bit heads store R in bf16 (rounded once from the float64 residual's value) and accumulate g in fp32."""
+    h, w, b, y = head_problem(29, 40, 17, bias=bias, dtype=torch.bfloat16, spread=40**0.5 / 7, seed=3)
+    logits, residual, gw, gb, norm, _ = ops.head_gradient(h, w, b, y, -100, True)
+    assert logits.dtype == residual.dtype == torch.bfloat16 and gw.dtype == norm.dtype == torch.float32
+    exact = oracle.residual(logits, y)  # float64 at the op's own bf16 logits
+    oracle.assert_close(residual, exact, 1e-7, 2.0**-8, "R rounded to bf16")
+    r64 = residual.double()
+    oracle.assert_close(gw, r64.t() @ h.double(), 1e-6, 1e-4, "g_W from the stored R")
+    if bias:
+        assert gb.dtype == torch.float32
+        oracle.assert_close(gb, r64.sum(0), 1e-6, 1e-4, "g_b from the stored R")
+    oracle.assert_close(gw, oracle.head_gradient(h, w, b, y)[1], 2e-3, 2e-2, "grad_weight bf16")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_line_search_large_bf16_head_searches_the_returned_direction(bias):
+    """Large 16-bit heads: u is returned rounded to bf16, d is that u's bf16 direction logits (one rounding
+    after fp32 accumulation), and the search scores that stored line."""
+    h, w, b, y = head_problem(48, 32, 700, bias=bias, dtype=torch.bfloat16, spread=3.0, seed=5)
+    out = SearchTensors(*ops.line_search(h, w, b, y, "bracket_grid", True, 1.0, 100.0, 16, -100, 8, 8, None))
+    assert out.weight_direction.dtype == torch.float32
+    for u in (out.weight_direction, out.bias_direction):
+        assert torch.equal(u, u.bfloat16().float()), "u is not bf16-valued"
+    z0, _, gw, gb, norm, _ = oracle.line(h, w, b, y, True, rounded_logits=True)
+    # R and u_W are each rounded to bf16 once (relative 2^-9 per element): u_W's error, norm-wise, is of that order.
+    error = (out.weight_direction.double() - gw / norm).norm().item()
+    assert error <= 2.0**-7, f"||u_W - u_64|| = {error:.3g}"
+    # The op's own 16-bit d of that u (scale 1: u is bf16-valued already, so the rounding inside is exact).
+    stored = ops.direction_logits(h, out.weight_direction, out.bias_direction if bias else None,
+                                  torch.tensor(1.0), None)
+    assert stored.dtype == torch.bfloat16
+    d = h.double() @ out.weight_direction.double().t() + (out.bias_direction.double() if bias else 0.0)
+    oracle.assert_close(stored, d, 1e-6, 2.0**-8 + 1e-4, "bf16 d of u")  # one rounding of the fp32 sum
+    assert out.loss0.item() == pytest.approx(oracle.line_loss(z0, stored, y, 0.0), rel=1e-5)
+    assert out.loss.item() == pytest.approx(oracle.line_loss(z0, stored, y, float(out.step)), rel=1e-5, abs=1e-6)
+    oracle.assert_grid_point(out.step, z0, stored.double(), y, what="bracket_grid on the stored bf16 line")
 
 
 # ---------------------------------------------------------------- the search op on a given line
@@ -306,13 +347,18 @@ def test_long_and_short_brackets_match_the_script(init, cap):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_newton_optimality(n, dim, classes, seed, dtype):
     """t* minimises the float64 line along the oracle's direction (for bf16: the float64 line of the op's
-    own bf16 logits, what the backend is asked to search)."""
+    own bf16 logits and of its bf16 direction logits of the returned, bf16-valued u: what it searched)."""
     h, w, b, y = head_problem(n, dim, classes, dtype=dtype, bias_scale=1.0, seed=seed)
     res = pof_fast.line_search(h, w, b, y, method="newton", backend="cpp")
     low = dtype == torch.bfloat16
     z0, d, gw, _, norm, scale = oracle.line(h, w, b, y, normalized=True, rounded_logits=low)
-    oracle.assert_close(res.weight_direction, gw * scale, 1e-6, 1e-4, "u_W")
-    assert res.grad_norm.item() == pytest.approx(norm, rel=1e-5, abs=1e-7)
+    if low:  # R and u rounded to bf16 once each: u_W's error is of that order, norm-wise
+        assert torch.equal(res.weight_direction, res.weight_direction.bfloat16().float())
+        assert (res.weight_direction.double() - gw * scale).norm().item() <= 2.0**-7
+        d = ops.direction_logits(h, res.weight_direction, res.bias_direction, torch.tensor(1.0), None).double()
+    else:
+        oracle.assert_close(res.weight_direction, gw * scale, 1e-6, 1e-4, "u_W")
+    assert res.grad_norm.item() == pytest.approx(norm, rel=2.0**-8 if low else 1e-5, abs=1e-7)
     assert res.loss0.item() == pytest.approx(oracle.line_loss(z0, d, y, 0.0), rel=1e-6)
     if norm == 0:
         assert res.step.item() == 0.0 and not bool(res.capped)

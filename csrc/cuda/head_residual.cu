@@ -20,19 +20,19 @@ constexpr int kNormBlocks = 512;
 
 // residual: one block per row i of z0 [n, C] (row stride C).
 //   1. mx = max_c z_ic   2. s = sum_c exp(z_ic - mx)   3. r_ic = exp(z_ic - mx) / s / max(m, 1) - [c = y_i] / max(m, 1)
-// count: device int64 m (rows not ignored); out: [n, C] accumulation dtype; ignored rows are zero,
-// out-of-range labels give a NaN row (no device assert: the launch must not kill the context).
-template <typename Z, typename T>
+// count: device int64 m (rows not ignored); out: [n, C] in O (the accumulation dtype T, or 16-bit); ignored rows
+// are zero, out-of-range labels give a NaN row (no device assert: the launch must not kill the context).
+template <typename Z, typename T, typename O>
 __global__ void residual_kernel(const Z* __restrict__ z, const int64_t* __restrict__ y,
                                 const int64_t* __restrict__ count, int64_t C, int64_t ignore_index,
-                                T* __restrict__ out) {
+                                O* __restrict__ out) {
   __shared__ T scratch[kWarpSize];
   const int64_t row = blockIdx.x;
   const Z* zr = z + row * C;
-  T* r = out + row * C;
+  O* r = out + row * C;
   const int64_t label = y[row];
   if (label == ignore_index) {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) r[c] = T(0);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) r[c] = O(0);
     return;
   }
   T mx = -INFINITY;
@@ -46,16 +46,16 @@ __global__ void residual_kernel(const Z* __restrict__ z, const int64_t* __restri
   const bool valid = label >= 0 && label < C;
   const T f = valid ? inv_m / s : T(NAN);
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-    r[c] = fast_exp(static_cast<T>(zr[c]) - mx) * f - (c == label ? inv_m : T(0));
+    r[c] = static_cast<O>(fast_exp(static_cast<T>(zr[c]) - mx) * f - (c == label ? inv_m : T(0)));
 }
 
-// g_b[c] = sum_i R[i, c]: one thread per class, rows in order.
-template <typename T>
-__global__ void colsum_kernel(const T* __restrict__ R, int64_t n, int64_t C, T* __restrict__ grad_bias) {
+// g_b[c] = sum_i R[i, c] in T: one thread per class, rows in order.
+template <typename R_t, typename T>
+__global__ void colsum_kernel(const R_t* __restrict__ R, int64_t n, int64_t C, T* __restrict__ grad_bias) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += R[i * C + c];
+  for (int64_t i = 0; i < n; ++i) s += static_cast<T>(R[i * C + c]);
   grad_bias[c] = s;
 }
 
@@ -107,21 +107,29 @@ int blocks_for(int64_t total) {
 }  // namespace
 }  // namespace cuda
 
-at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                              at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.contiguous();
   const at::Tensor y = target.to(at::kLong).contiguous();
   const at::Tensor count = y.ne(ignore_index).sum();
-  const at::ScalarType acc = accumulation_type(z.scalar_type());
-  at::Tensor out = at::empty(z.sizes(), z.options().dtype(acc));
+  TORCH_CHECK(out_dtype == z.scalar_type() || out_dtype == accumulation_type(z.scalar_type()),
+              "pof_fast: the residual is stored in the logits' dtype or their accumulation dtype, got ", out_dtype);
+  at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype));
   const int64_t n = z.size(0), C = z.size(1);
   if (n == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.head_residual_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    cuda::residual_kernel<scalar_t, T><<<static_cast<unsigned>(n), cuda::kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), count.data_ptr<int64_t>(), C, ignore_index,
-        out.data_ptr<T>());
+    const auto launch = [&](auto* o) {
+      cuda::residual_kernel<scalar_t, T><<<static_cast<unsigned>(n), cuda::kThreads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), count.data_ptr<int64_t>(), C, ignore_index, o);
+    };
+    if (out_dtype == z.scalar_type()) {
+      launch(out.data_ptr<scalar_t>());
+    } else {
+      launch(out.data_ptr<T>());
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -134,22 +142,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_finish_cuda(const at::Tensor
   const at::Tensor R = residual.contiguous(), gw = grad_weight.contiguous();
   const int64_t n = R.size(0), C = R.size(1);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor grad_bias = with_bias ? at::empty({C}, R.options()) : at::Tensor();
-  at::Tensor norm = at::empty({}, R.options()), scale = at::empty({}, R.options());
-  at::Tensor partial = at::empty({cuda::kNormBlocks}, R.options());
-  AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "pof_fast.grad_finish_cuda", [&] {
+  at::Tensor grad_bias = with_bias ? at::empty({C}, gw.options()) : at::Tensor();
+  at::Tensor norm = at::empty({}, gw.options()), scale = at::empty({}, gw.options());
+  at::Tensor partial = at::empty({cuda::kNormBlocks}, gw.options());
+  AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "pof_fast.grad_finish_cuda", [&] {
+    using T = scalar_t;
     if (with_bias) {
-      cuda::colsum_kernel<scalar_t><<<cuda::blocks_for(C), cuda::kThreads, 0, stream>>>(
-          R.data_ptr<scalar_t>(), n, C, grad_bias.data_ptr<scalar_t>());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "pof_fast.colsum_cuda", [&] {
+        cuda::colsum_kernel<scalar_t, T><<<cuda::blocks_for(C), cuda::kThreads, 0, stream>>>(
+            R.data_ptr<scalar_t>(), n, C, grad_bias.data_ptr<T>());
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    cuda::sumsq_kernel<scalar_t><<<cuda::kNormBlocks, cuda::kThreads, 0, stream>>>(
-        gw.data_ptr<scalar_t>(), gw.numel(), with_bias ? grad_bias.data_ptr<scalar_t>() : nullptr,
-        with_bias ? C : 0, partial.data_ptr<scalar_t>());
+    cuda::sumsq_kernel<T><<<cuda::kNormBlocks, cuda::kThreads, 0, stream>>>(
+        gw.data_ptr<T>(), gw.numel(), with_bias ? grad_bias.data_ptr<T>() : nullptr, with_bias ? C : 0,
+        partial.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda::norm_scale_kernel<scalar_t><<<1, cuda::kThreads, 0, stream>>>(
-        partial.data_ptr<scalar_t>(), cuda::kNormBlocks, normalized, norm.data_ptr<scalar_t>(),
-        scale.data_ptr<scalar_t>());
+    cuda::norm_scale_kernel<T><<<1, cuda::kThreads, 0, stream>>>(partial.data_ptr<T>(), cuda::kNormBlocks, normalized,
+                                                                 norm.data_ptr<T>(), scale.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_bias, norm, scale};

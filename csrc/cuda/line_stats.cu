@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
 #include "../common.h"
 #include "../search_driver.h"
 #include "reduce.cuh"
@@ -29,9 +31,10 @@ constexpr int kRegs = 8;     // candidates held in registers per pass over a row
 constexpr int kWarps = 8;    // rows (warps) per block
 constexpr int kThreads = kWarps * kWarpSize;
 
-// Adds row (z, d, label y) for candidates st[0:kc] to acc (valid in lane 0).
-template <typename Z, typename T>
-__device__ __forceinline__ void warp_row(const Z* __restrict__ z, const T* __restrict__ d, int64_t C, int64_t y,
+// Adds row (z, d, label y) for candidates st[0:kc] to acc (valid in lane 0). Z, Dir: the stored dtypes of z0 and d
+// (d is 16-bit beside 16-bit z0 for large heads, else T); T: the accumulation dtype.
+template <typename Z, typename Dir, typename T>
+__device__ __forceinline__ void warp_row(const Z* __restrict__ z, const Dir* __restrict__ d, int64_t C, int64_t y,
                                          const T (&st)[kRegs], int kc, T (&acc)[3][kRegs]) {
   const int lane = threadIdx.x % kWarpSize;
   T m[kRegs], s0[kRegs], s1[kRegs], s2[kRegs];
@@ -42,7 +45,7 @@ __device__ __forceinline__ void warp_row(const Z* __restrict__ z, const T* __res
   }
   // 1. online log-sum-exp per lane over classes lane, lane + 32, ...
   for (int64_t c = lane; c < C; c += kWarpSize) {
-    const T zc = static_cast<T>(z[c]), dc = d[c];
+    const T zc = static_cast<T>(z[c]), dc = static_cast<T>(d[c]);
 #pragma unroll
     for (int j = 0; j < kRegs; ++j) {
       if (j < kc) {
@@ -81,7 +84,7 @@ __device__ __forceinline__ void warp_row(const Z* __restrict__ z, const T* __res
   // 3. loss = lse - z_y + t d_y, slope = d_y - E[d], curvature = Var[d]; a bad label gives NaN
   if (lane == 0) {
     const bool valid = y >= 0 && y < C;
-    const T zy = valid ? static_cast<T>(z[y]) : T(NAN), dy = valid ? d[y] : T(NAN);
+    const T zy = valid ? static_cast<T>(z[y]) : T(NAN), dy = valid ? static_cast<T>(d[y]) : T(NAN);
 #pragma unroll
     for (int j = 0; j < kRegs; ++j) {
       if (j < kc) {
@@ -96,8 +99,8 @@ __device__ __forceinline__ void warp_row(const Z* __restrict__ z, const T* __res
 
 // This block's rows (warp w takes rows block * kWarps + w, then strides by the grid) for steps[0:k],
 // k <= kChunk; writes partial[(block * 3 + r) * stride + j]. red: shared [kWarps][3][kRegs].
-template <typename Z, typename T>
-__device__ void block_partial(const Z* z, const T* d, const int64_t* y, int64_t n, int64_t C, int64_t ignore_index,
+template <typename Z, typename Dir, typename T>
+__device__ void block_partial(const Z* z, const Dir* d, const int64_t* y, int64_t n, int64_t C, int64_t ignore_index,
                               const T* steps, int k, T* partial, int stride, T (*red)[3][kRegs]) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   for (int k0 = 0; k0 < k; k0 += kRegs) {
@@ -135,8 +138,8 @@ __device__ int64_t count_rows(const int64_t* y, int64_t n, int64_t ignore_index,
   return block_reduce<int64_t, false>(m, reinterpret_cast<int64_t*>(scratch));
 }
 
-template <typename Z, typename T>
-__global__ void __launch_bounds__(kThreads) line_stats_kernel(const Z* __restrict__ z, const T* __restrict__ d,
+template <typename Z, typename Dir, typename T>
+__global__ void __launch_bounds__(kThreads) line_stats_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
                                                               const int64_t* __restrict__ y, int64_t n, int64_t C,
                                                               int64_t ignore_index, const T* __restrict__ steps,
                                                               int K, T* __restrict__ partial) {
@@ -163,10 +166,10 @@ __global__ void finalize_kernel(const T* __restrict__ partial, int blocks, int K
 }
 
 // The scorer the drivers call inside search_kernel: partials, grid barrier, identical sums in every block.
-template <typename Z, typename T>
+template <typename Z, typename Dir, typename T>
 struct GridScorer {
   const Z* z;
-  const T* d;
+  const Dir* d;
   const int64_t* y;
   int64_t n, C, ignore_index;
   T* partial;  // [2][gridDim.x][3][kChunk], alternating so one barrier per call suffices
@@ -198,8 +201,8 @@ struct GridScorer {
   }
 };
 
-template <typename Z, typename T>
-__global__ void __launch_bounds__(kThreads) search_kernel(const Z* __restrict__ z, const T* __restrict__ d,
+template <typename Z, typename Dir, typename T>
+__global__ void __launch_bounds__(kThreads) search_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
                                                           const int64_t* __restrict__ y, int64_t n, int64_t C,
                                                           int64_t ignore_index, Plan plan, T* __restrict__ partial,
                                                           T* __restrict__ result, bool* __restrict__ capped) {
@@ -207,13 +210,31 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const Z* __restrict__ 
   __shared__ T sums[3][kChunk];
   __shared__ int64_t scratch[kWarpSize];
   const int64_t m = count_rows(y, n, ignore_index, scratch);
-  GridScorer<Z, T> score{z, d, y, n, C, ignore_index, partial, T(1) / T(m > 1 ? m : 1), 0, red, sums};
+  GridScorer<Z, Dir, T> score{z, d, y, n, C, ignore_index, partial, T(1) / T(m > 1 ? m : 1), 0, red, sums};
   const Outcome<T> out = run_search<T>(score, plan);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     result[0] = out.step;
     result[1] = out.loss0;
     result[2] = out.loss;
     *capped = out.capped;
+  }
+}
+
+// d as the kernels read it: a 16-bit d beside 16-bit z0 as it is (no [n, C] fp32 copy), else in the accumulation
+// dtype.
+at::Tensor stored_direction(const at::Tensor& logits, const at::Tensor& direction) {
+  return direction.scalar_type() == logits.scalar_type()
+             ? direction.contiguous()
+             : direction.to(accumulation_type(logits.scalar_type())).contiguous();
+}
+
+// f(d's data pointer) typed as stored_direction stored it: Z (16-bit beside 16-bit z0) or T.
+template <typename Z, typename T, typename F>
+void with_direction(const at::Tensor& d, F&& f) {
+  if (d.scalar_type() == c10::CppTypeToScalarType<Z>::value) {
+    f(static_cast<const Z*>(d.data_ptr<Z>()));
+  } else {
+    f(static_cast<const T*>(d.data_ptr<T>()));
   }
 }
 
@@ -226,7 +247,7 @@ at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction
   POF_CHECK_DIM(steps, 1, "steps");
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  const at::Tensor z = logits.contiguous(), d = direction.to(acc).contiguous();
+  const at::Tensor z = logits.contiguous(), d = cuda::stored_direction(logits, direction);
   const at::Tensor t = steps.to(logits.device(), acc).contiguous();
   const int64_t n = z.size(0), C = z.size(1), K = t.size(0);
   at::Tensor out = at::empty({3, K}, z.options().dtype(acc));
@@ -237,9 +258,11 @@ at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.line_stats_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    cuda::line_stats_kernel<scalar_t, T><<<blocks, cuda::kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), d.data_ptr<T>(), y.data_ptr<int64_t>(), n, C, ignore_index, t.data_ptr<T>(),
-        static_cast<int>(K), partial.data_ptr<T>());
+    cuda::with_direction<scalar_t, T>(d, [&](const auto* dp) {
+      cuda::line_stats_kernel<scalar_t><<<blocks, cuda::kThreads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), dp, y.data_ptr<int64_t>(), n, C, ignore_index, t.data_ptr<T>(),
+          static_cast<int>(K), partial.data_ptr<T>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cuda::finalize_kernel<T><<<1, cuda::kThreads, 0, stream>>>(partial.data_ptr<T>(), blocks, static_cast<int>(K),
                                                                 y.data_ptr<int64_t>(), n, ignore_index,
@@ -257,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
   const Plan plan = make_plan(method, init_step, max_step, partitions, newton_iterations, newton_points);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  const at::Tensor z = logits.contiguous(), d = direction.to(acc).contiguous();
+  const at::Tensor z = logits.contiguous(), d = cuda::stored_direction(logits, direction);
   const int64_t n = z.size(0), C = z.size(1);
   at::Tensor result = at::empty({3}, z.options().dtype(acc));
   at::Tensor capped = at::empty({}, z.options().dtype(at::kBool));
@@ -268,31 +291,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.search_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    auto kernel = cuda::search_kernel<scalar_t, T>;
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kThreads, 0));
-    // All blocks must be resident at once for the grid barrier; one block when that cannot be promised.
-    const int64_t wanted = (n + cuda::kWarps - 1) / cuda::kWarps;
-    const int blocks = cooperative && per_sm > 0
-                           ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * props->multiProcessorCount))
-                           : 1;
-    at::Tensor partial = at::empty({2, blocks, 3, kChunk}, result.options());
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    const T* dp = d.data_ptr<T>();
-    const int64_t* yp = y.data_ptr<int64_t>();
-    T* pp = partial.data_ptr<T>();
-    T* rp = result.data_ptr<T>();
-    bool* cp = capped.data_ptr<bool>();
-    int64_t rows = n, classes = C, ignore = ignore_index;
-    Plan p = plan;
-    void* args[] = {&zp, &dp, &yp, &rows, &classes, &ignore, &p, &pp, &rp, &cp};
-    if (blocks > 1) {
-      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
-                                                 dim3(cuda::kThreads), args, 0, stream));
-    } else {
-      kernel<<<1, cuda::kThreads, 0, stream>>>(zp, dp, yp, rows, classes, ignore, p, pp, rp, cp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    cuda::with_direction<scalar_t, T>(d, [&](const auto* direction_ptr) {
+      using Dir = std::remove_cv_t<std::remove_pointer_t<decltype(direction_ptr)>>;
+      auto kernel = cuda::search_kernel<scalar_t, Dir, T>;
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kThreads, 0));
+      // All blocks must be resident at once for the grid barrier; one block when that cannot be promised.
+      const int64_t wanted = (n + cuda::kWarps - 1) / cuda::kWarps;
+      const int blocks =
+          cooperative && per_sm > 0
+              ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * props->multiProcessorCount))
+              : 1;
+      at::Tensor partial = at::empty({2, blocks, 3, kChunk}, result.options());
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      const Dir* dp = direction_ptr;
+      const int64_t* yp = y.data_ptr<int64_t>();
+      T* pp = partial.data_ptr<T>();
+      T* rp = result.data_ptr<T>();
+      bool* cp = capped.data_ptr<bool>();
+      int64_t rows = n, classes = C, ignore = ignore_index;
+      Plan p = plan;
+      void* args[] = {&zp, &dp, &yp, &rows, &classes, &ignore, &p, &pp, &rp, &cp};
+      if (blocks > 1) {
+        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
+                                                   dim3(cuda::kThreads), args, 0, stream));
+      } else {
+        kernel<<<1, cuda::kThreads, 0, stream>>>(zp, dp, yp, rows, classes, ignore, p, pp, rp, cp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
   });
   return {result[0], result[1], result[2], capped};
 }

@@ -210,9 +210,10 @@ class TritonBackend(Backend):
             None, grad_weight, grad_bias, bias is not None, plan.normalized
         )
         # 16-bit inputs: d is formed on tensor cores from g_W in the input dtype, so that rounded g_W is
-        # the direction searched along and the one returned (||g|| stays the fp32 one). fp32: no-ops.
+        # the direction searched along and the one returned (||g|| stays the fp32 one); rounded in place, so
+        # that the only [C, D] array beside the returned one is the 16-bit copy the scorer reads. fp32: no-ops.
         rounded = grad_weight.to(features.dtype)
-        grad_weight = rounded.float()
+        grad_weight.copy_(rounded)
         grad = HeadGradient(None, None, grad_weight, grad_bias, grad_norm, scale)  # type: ignore[arg-type]
         scorer = k.logits_free.line_stats_logits_free
 

@@ -26,14 +26,25 @@ def floor_call(problem: Problem, backend: str, candidates: int) -> Callable[[], 
         raise RuntimeError(f"backend {backend!r} unavailable: {ops}")
     h, w, b, y = problem.args()
     grad = ops.head_gradient(h, w, b, y, IGNORE_INDEX, False)
-    features = h.to(grad.grad_weight.dtype)
+    gradient_product = _gradient_product(grad.residual, h)
     steps = torch.linspace(0.0, SCRIPT["max_step"], candidates, device=h.device)
     direction = ops.direction_logits(h, grad)
 
     def floor() -> Tensor:
         torch.nn.functional.linear(h, w, b)
-        torch.mm(grad.residual.t(), features)
+        gradient_product()
         ops.direction_logits(h, grad)
         return ops.line_stats(grad.logits, direction, y, steps, IGNORE_INDEX)
 
     return floor
+
+
+def _gradient_product(residual: Tensor, h: Tensor) -> Callable[[], Tensor]:
+    """g_W = R^T h as the backends form it: 16-bit R and h on a GPU on tensor cores with fp32 output, else in
+    R's dtype (a 16-bit R on the CPU: in fp32)."""
+    if residual.dtype == h.dtype and h.dtype in (torch.float16, torch.bfloat16):
+        if h.is_cuda:
+            return lambda: torch.mm(residual.t(), h, out_dtype=torch.float32)
+        residual = residual.float()
+    features = h.to(residual.dtype)
+    return lambda: torch.mm(residual.t(), features)

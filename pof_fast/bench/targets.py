@@ -12,7 +12,6 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 import torch
 
 from .. import dispatch
-from .cases import SCRIPT
 
 __all__ = ["FLOOR_TARGETS", "TARGETS", "Target", "judge_targets"]
 
@@ -37,20 +36,30 @@ TARGETS = (
     Target("cuda", "script", 30.0, "ABC", ("cuda", "auto"), ("call", "graph")),
     Target("cuda", "eager", 3.0, "ABC"),
     Target("cuda", "compile", 1.3, "ABC", ("cuda", "auto"), ("call", "graph")),
+    Target("cuda", "script", 6.0, "D", ("cuda",)),
+    Target("cuda", "compile", 6.0, "D", ("cuda",)),
 )
-# (device, most, cases): the auto backend's bracket_grid call within ``most`` times its measured floor.
-FLOOR_TARGETS = (("cuda", 2.0, "ABC"),)
+# (device, most, cases, backend): the backend's bracket_grid call within ``most`` times its measured floor.
+FLOOR_TARGETS = (("cuda", 2.0, "ABC", "auto"), ("cuda", 2.0, "D", "cuda"), ("cuda", 3.0, "D", "triton"))
+# (device, most, cases, backends): newton's call within ``most`` times bracket_grid's on the same backend.
+NEWTON_TARGETS = (("cuda", 1.5, "D", ("cuda", "triton")),)
+# Case D's peak extra memory of a bracket_grid call beyond the inputs and the returned direction (u_W fp32,
+# u_b), in 16-bit [n, C] arrays: cuda stores z0 and R, then z0 and d (plus one 8 MiB 16-bit chunk of u_W);
+# triton's logits-free path stores none (beyond its 16-bit copy of u_W, which it scores from).
+MEMORY_ARRAYS = {"cuda": 2, "triton": 0}
+ROUNDED_CHUNK_BYTES = 1 << 23
 
 
-def _judged(case: Dict[str, Any], backend: str, kind: str, key: str, baseline: str = "") -> float:
+def _judged(case: Dict[str, Any], backend: str, kind: str, key: str, baseline: str = "",
+            method: str = "bracket_grid") -> float:
     row = next((r for r in case["rows"] if r["kind"] == kind and r["name"] == backend
-                and r["method"] == "bracket_grid"), None)
+                and r["method"] == method), None)
     return float("nan") if row is None else (row[key][baseline] if baseline else row[key])
 
 
 def judge_targets(device: str, cases: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The targets for ``device`` on the cases run so far, and, for case D on CUDA, that no backend held
-    a ``[K, n, C]`` fp32 buffer (K = 16, the grid's one call)."""
+    """The targets for ``device`` on the cases run so far: speed-ups, floors, newton against bracket_grid, and
+    case D's peak memory on CUDA."""
     auto = dispatch.resolve("auto", torch.device(device)).name
     out = []
     for target in (t for t in TARGETS if t.device == device):
@@ -64,19 +73,38 @@ def judge_targets(device: str, cases: Dict[str, Dict[str, Any]]) -> List[Dict[st
                                     met=got >= target.minimum,
                                     what=f"{backend} bracket_grid{how} >= {target.minimum:g}x vs {target.baseline}: "
                                          f"{got:.2f}x"))
-    for target_device, most, names in FLOOR_TARGETS:
+    for target_device, most, names, backend in FLOOR_TARGETS:
         if target_device != device:
             continue
+        backend = auto if backend == "auto" else backend
         for name in (c for c in names if c in cases):
-            got = _judged(cases[name], auto, "backend", "x_floor")
-            out.append(dict(case=name, backend=auto, timing="call", baseline="floor", value=got, met=got <= most,
-                            what=f"{auto} bracket_grid <= {most:g}x its floor: {got:.2f}x"))
+            got = _judged(cases[name], backend, "backend", "x_floor")
+            out.append(dict(case=name, backend=backend, timing="call", baseline="floor", value=got, met=got <= most,
+                            what=f"{backend} bracket_grid <= {most:g}x its floor: {got:.2f}x"))
+    for target_device, most, names, backends in NEWTON_TARGETS:
+        for name in (c for c in names if c in cases and target_device == device):
+            for backend in backends:
+                got = (_judged(cases[name], backend, "backend", "median_s", method="newton")
+                       / _judged(cases[name], backend, "backend", "median_s"))
+                out.append(dict(case=name, backend=backend, timing="call", baseline="bracket_grid", value=got,
+                                met=got <= most, what=f"{backend} newton <= {most:g}x bracket_grid: {got:.2f}x"))
     if device == "cuda" and "D" in cases:
-        case = cases["D"]
-        limit = SCRIPT["partitions"] * case["n"] * case["classes"] * 4
-        for row in (r for r in case["rows"] if r["kind"] == "backend"):
-            out.append(dict(case="D", backend=row["name"], timing="call", baseline="memory", value=row["peak_bytes"],
-                            met=row["peak_bytes"] < limit,
-                            what=f"{row['name']} {row['method']} peak {row['peak_bytes'] / 2**30:.2f} GiB "
-                                 f"< [16, n, C] fp32 = {limit / 2**30:.1f} GiB"))
+        out += _memory_targets(cases["D"])
+    return out
+
+
+def _memory_targets(case: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Case D's bracket_grid calls: peak extra memory beyond the returned direction, in 16-bit [n, C] arrays."""
+    n, classes, dim = case["n"], case["classes"], case["dim"]
+    array = n * classes * 2
+    returned = classes * dim * 4 + classes * 4
+    out = []
+    for backend, arrays in MEMORY_ARRAYS.items():
+        allowed = arrays * array + (ROUNDED_CHUNK_BYTES if arrays else classes * dim * 2)
+        peak = _judged(case, backend, "backend", "peak_bytes")
+        got = (peak - returned) / array
+        out.append(dict(case="D", backend=backend, timing="call", baseline="memory", value=got,
+                        met=peak - returned <= allowed,
+                        what=f"{backend} bracket_grid peak beyond the returned direction {got:.2f} [n, C] 16-bit "
+                             f"arrays (allowed {arrays}{' + an 8 MiB chunk' if arrays else ' + a 16-bit u_W'})"))
     return out
