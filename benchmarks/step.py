@@ -37,6 +37,8 @@ from pof_fast.bench.timing import time_call  # noqa: E402
 MODELS = {"wrn-28-10": (28, 10), "wrn-16-4": (16, 4), "wrn-10-2": (10, 2)}
 SEARCH_BATCH, TRAIN_BATCH = 256, 64
 SGD = dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+# The search's share of an SGD step with the default checks: <= 2% on a GPU (WRN-28-10), <= 5% on the CPU.
+SEARCH_SHARE_TARGET = {"cuda": 0.02, "cpu": 0.05}
 
 
 class Block(nn.Module):
@@ -151,7 +153,7 @@ def measure(model_name: str, device: str, budget_s: float) -> Dict[str, Any]:
                 pof_over_sgd=pof_s / sgd_s, sam_over_sgd=times["sam"]["median_s"] / sgd_s,
                 search_share_of_sgd=search_s / sgd_s, search_share_of_pof=search_s / pof_s,
                 unchecked_share_of_sgd=times["search_unchecked"]["median_s"] / sgd_s,
-                target_search_le_5pct=search_s / sgd_s <= 0.05)
+                target_share=SEARCH_SHARE_TARGET[device], target_met=search_s / sgd_s <= SEARCH_SHARE_TARGET[device])
 
 
 def format_result(result: Dict[str, Any]) -> str:
@@ -165,7 +167,7 @@ def format_result(result: Dict[str, Any]) -> str:
         lines.append(f"{name:<16} {t[name]['median_s'] * 1e3:>7.2f} ms {spread:>6.0f}% "
                      f"{t[name]['median_s'] / t['sgd']['median_s']:>6.3f}x")
     lines.append(f"the search adds {result['search_share_of_sgd'] * 100:.1f}% to an SGD step "
-                 f"(target <= 5%: {'met' if result['target_search_le_5pct'] else 'MISSED'}); "
+                 f"(target <= {result['target_share']:.0%}: {'met' if result['target_met'] else 'MISSED'}); "
                  f"it is {result['search_share_of_pof'] * 100:.1f}% of a PoF step; without the input checks "
                  f"(validate=False, no host sync) it adds {result['unchecked_share_of_sgd'] * 100:.1f}%")
     return "\n".join(lines)
