@@ -45,5 +45,16 @@ import pof_fast._C as ext
 assert ext.cuda, "pof_fast._C was built without its CUDA kernels"
 for op in ("line_stats", "head_gradient", "direction_logits", "search"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pof_fast::{op}", "CUDA"), f"no CUDA kernel for {op}"
+# The launch settings of benchmarks/sweep.py (host state only: no GPU needed).
+assert ext._cuda_launch() == (256, 8), ext._cuda_launch()
+ext._set_cuda_launch(512, 4)
+assert ext._cuda_launch() == (512, 4), ext._cuda_launch()
+try:
+    ext._set_cuda_launch(256, 3)
+except (ValueError, RuntimeError) as exc:
+    assert "scorer_warps" in str(exc), exc
+else:
+    raise AssertionError("scorer_warps=3 was accepted")
+assert ext._cuda_launch() == (512, 4)
 PY
 echo "ext-cuda-compile: OK ($SO, CUDA arch $TORCH_CUDA_ARCH_LIST, $((SECONDS - start)) s)"

@@ -7,8 +7,9 @@
 # The GPU-marked tests (pytest -m "cuda or triton") run in two halves: the Triton ones while the extension
 # compiles (they do not use it), the rest once it is built; then the CPU suites that load the fresh build.
 # The A-C benchmark also times each backend's search as a CUDA graph replay; the last stage sweeps the Triton
-# kernels' block sizes (benchmarks/sweep_triton.py). STEP=0 skips the step benchmark, SWEEP=0 the sweep.
-# Worst case 11.5 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
+# kernels' block sizes and the CUDA kernels' launch settings (benchmarks/sweep.py). STEP=0 skips the step
+# benchmark, SWEEP=0 the sweep.
+# Worst case 11.75 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
 # and graph rows, the split test stages and the sweep.
 set -u
 OUT=${OUT:?set OUT to the folder whose files come back}
@@ -66,8 +67,9 @@ stage accuracy 40 "$OUT/bench_d.txt" $PY benchmarks/accuracy_16bit.py --backend 
 if [ "${STEP:-1}" != 0 ]; then
   stage step 60 "$OUT/env.txt" $PY benchmarks/step.py --device cuda --model wrn-28-10
 fi
-# Block-size sweep of the Triton kernels (its table goes to bench_d.txt: $OUT brings back 8 files at most).
+# Block-size sweep of the Triton kernels and launch-setting sweep of the CUDA ones (its table goes to bench_d.txt:
+# $OUT brings back 8 files at most).
 if [ "${SWEEP:-1}" != 0 ]; then
-  stage sweep 75 "$OUT/bench_d.txt" $PY benchmarks/sweep_triton.py
+  stage sweep 90 "$OUT/bench_d.txt" $PY benchmarks/sweep.py
 fi
 echo "total ${SECONDS} s" >> "$OUT/env.txt"

@@ -48,6 +48,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "pof_fast compiled kernels; the ops are torch.ops.pof_fast.*";
 #ifdef POF_FAST_WITH_CUDA
   module.attr("cuda") = true;
+  // For benchmarks/sweep.py only: the CUDA launch settings (row_threads, scorer_warps), read and set.
+  module.def("_cuda_launch", [] {
+    const pof_fast::CudaLaunch& launch = pof_fast::cuda_launch();
+    return std::make_tuple(launch.row_threads, launch.scorer_warps);
+  });
+  module.def("_set_cuda_launch", [](int row_threads, int scorer_warps) {
+    TORCH_CHECK_VALUE(row_threads >= 32 && row_threads <= 1024 && row_threads % 32 == 0,
+                      "pof_fast: row_threads must be a multiple of 32 in [32, 1024], got ", row_threads);
+    TORCH_CHECK_VALUE(scorer_warps == 2 || scorer_warps == 4 || scorer_warps == 8,
+                      "pof_fast: scorer_warps must be 2, 4 or 8, got ", scorer_warps);
+    pof_fast::cuda_launch() = {row_threads, scorer_warps};
+  });
 #else
   module.attr("cuda") = false;
 #endif

@@ -76,6 +76,14 @@ SearchTensors line_search(const at::Tensor& features, const at::Tensor& weight,
                           int64_t newton_points, c10::optional<bool> logits_free);
 
 #ifdef POF_FAST_WITH_CUDA
+// Launch settings of the CUDA kernels that benchmarks/sweep.py varies at run time (pof_fast._C._set_cuda_launch;
+// process-wide, set between calls, never during one); the defaults are the shipped values.
+struct CudaLaunch {
+  int row_threads = 256;  // threads per block of the one-block-per-row residual kernel
+  int scorer_warps = 8;   // rows (warps) per block of the line scorer and the one-launch search: 2, 4 or 8
+};
+CudaLaunch& cuda_launch();
+
 // CUDA ops and pieces (csrc/cuda/*.cu).
 at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
                            const at::Tensor& steps, int64_t ignore_index);

@@ -110,6 +110,22 @@ def cuda_compiled() -> bool:
     return bool(module is not None and getattr(module, "cuda", False))
 
 
+def cuda_launch() -> tuple[int, int]:
+    """The CUDA kernels' launch settings ``(row_threads, scorer_warps)`` (``csrc/common.h`` ``CudaLaunch``)."""
+    return tuple(_cuda_module()._cuda_launch())
+
+
+def set_cuda_launch(row_threads: int, scorer_warps: int) -> None:
+    """Set the CUDA launch settings for the calls that follow (``benchmarks/sweep.py``; process-wide)."""
+    _cuda_module()._set_cuda_launch(row_threads, scorer_warps)
+
+
+def _cuda_module() -> ModuleType:
+    if not cuda_compiled():
+        raise RuntimeError(f"pof_fast._C was built without CUDA kernels ({reason() or 'CPU-only build'})")
+    return _module
+
+
 def compiled_ops() -> str:
     """'none', 'CPU' or 'CPU+CUDA': what ``pof_fast.backends()`` reports."""
     if not available():

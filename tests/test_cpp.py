@@ -472,3 +472,10 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch):
     assert not _ext.available() and "ImportError" in _ext.reason()
     ref = pof_fast.line_search(h, w, b, y, backend="torch")
     assert res.step.item() == ref.step.item()
+
+
+@pytest.mark.skipif(_ext.cuda_compiled(), reason="this build has the CUDA kernels: tests/test_cuda.py sets them")
+def test_cuda_launch_settings_need_the_cuda_build():
+    for call in (_ext.cuda_launch, lambda: _ext.set_cuda_launch(256, 8)):
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            call()

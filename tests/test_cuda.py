@@ -311,3 +311,22 @@ def test_large_bf16_head_holds_two_16bit_arrays_at_most():
     array = n * classes * 2
     assert extra <= 2 * array + (1 << 23) + (1 << 20), f"peak beyond the direction: {extra / array:.2f} arrays"
     assert result.weight_direction.dtype == torch.float32 and bool(torch.isfinite(result.step))
+
+
+@pytest.mark.parametrize("row_threads,scorer_warps", [(128, 2), (1024, 4), (512, 8)])
+def test_launch_settings_of_the_sweep_give_the_same_search(row_threads, scorer_warps):
+    """benchmarks/sweep.py's other launch settings (threads per residual row, rows per scorer block) compute the
+    same gradient and search as the shipped ones, against the float64 oracle."""
+    shipped = _ext.cuda_launch()
+    h, w, b, y = head_problem(256, 64, 1000, bias_scale=1.0, seed=8, device=DEVICE)
+    try:
+        _ext.set_cuda_launch(row_threads, scorer_warps)
+        res = pof_fast.line_search(h, w, b, y, method="bracket_grid", direction="raw", backend=BACKEND)
+    finally:
+        _ext.set_cuda_launch(*shipped)
+    assert _ext.cuda_launch() == shipped
+    z0, d, gw, _, _, _ = oracle.line(h, w, b, y, False)
+    oracle.assert_close(res.weight_direction, gw, 1e-6, 1e-4, "u_W")
+    oracle.assert_grid_point(res.step, z0, d, y, what=f"bracket_grid, launch {row_threads}, {scorer_warps}")
+    with pytest.raises((ValueError, RuntimeError), match="scorer_warps"):
+        _ext.set_cuda_launch(256, 3)

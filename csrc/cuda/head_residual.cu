@@ -13,8 +13,9 @@ namespace pof_fast {
 namespace cuda {
 namespace {
 
-// Not tuned (ran on an H200, see BENCHMARKS.md, but never swept): 256 threads per row/grid-stride block; kNormBlocks partial sums
-// of squares, a fixed count so that ||g|| is the same run after run.
+// Not tuned (ran on an H200, see BENCHMARKS.md, but never swept): 256 threads per grid-stride block (the residual
+// kernel's threads per row are CudaLaunch::row_threads, 256 unless benchmarks/sweep.py sets them); kNormBlocks partial
+// sums of squares, a fixed count so that ||g|| is the same run after run.
 constexpr int kThreads = 256;
 constexpr int kNormBlocks = 512;
 
@@ -107,6 +108,11 @@ int blocks_for(int64_t total) {
 }  // namespace
 }  // namespace cuda
 
+CudaLaunch& cuda_launch() {
+  static CudaLaunch launch;
+  return launch;
+}
+
 at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
                               at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -122,7 +128,7 @@ at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.head_residual_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto launch = [&](auto* o) {
-      cuda::residual_kernel<scalar_t, T><<<static_cast<unsigned>(n), cuda::kThreads, 0, stream>>>(
+      cuda::residual_kernel<scalar_t, T><<<static_cast<unsigned>(n), cuda_launch().row_threads, 0, stream>>>(
           z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), count.data_ptr<int64_t>(), C, ignore_index, o);
     };
     if (out_dtype == z.scalar_type()) {

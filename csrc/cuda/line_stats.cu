@@ -26,10 +26,13 @@ namespace cuda {
 namespace {
 
 // Not tuned (measured on an H200, see BENCHMARKS.md, but never swept): kRegs x 4 accumulators stay in
-// registers; 8 warps per block keep the per-block partials few for the n = 256 cases of SPEC section 5.
-constexpr int kRegs = 8;     // candidates held in registers per pass over a row
-constexpr int kWarps = 8;    // rows (warps) per block
-constexpr int kThreads = kWarps * kWarpSize;
+// registers (compile-time: not in the sweep); 8 warps per block keep the per-block partials few for the n = 256
+// cases of SPEC section 5. Rows (warps) per block are a template parameter, kWarps unless the launch settings
+// say otherwise (CudaLaunch::scorer_warps, swept by benchmarks/sweep.py; 2 and 4 are built for fp32 heads only,
+// to bound the build time).
+constexpr int kRegs = 8;  // candidates held in registers per pass over a row
+constexpr int kWarps = 8;
+constexpr int kFinalThreads = 256;  // the one-block finalize kernel
 
 // Adds row (z, d, label y) for candidates st[0:kc] to acc (valid in lane 0). Z, Dir: the stored dtypes of z0 and d
 // (d is 16-bit beside 16-bit z0 for large heads, else T); T: the accumulation dtype.
@@ -97,9 +100,9 @@ __device__ __forceinline__ void warp_row(const Z* __restrict__ z, const Dir* __r
   }
 }
 
-// This block's rows (warp w takes rows block * kWarps + w, then strides by the grid) for steps[0:k],
-// k <= kChunk; writes partial[(block * 3 + r) * stride + j]. red: shared [kWarps][3][kRegs].
-template <typename Z, typename Dir, typename T>
+// This block's rows (warp w takes rows block * Warps + w, then strides by the grid) for steps[0:k],
+// k <= kChunk; writes partial[(block * 3 + r) * stride + j]. red: shared [Warps][3][kRegs].
+template <int Warps, typename Z, typename Dir, typename T>
 __device__ void block_partial(const Z* z, const Dir* d, const int64_t* y, int64_t n, int64_t C, int64_t ignore_index,
                               const T* steps, int k, T* partial, int stride, T (*red)[3][kRegs]) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -111,8 +114,8 @@ __device__ void block_partial(const Z* z, const Dir* d, const int64_t* y, int64_
       st[j] = j < kc ? steps[k0 + j] : T(0);
       acc[0][j] = acc[1][j] = acc[2][j] = T(0);
     }
-    for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < n;
-         row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * Warps + warp; row < n;
+         row += static_cast<int64_t>(gridDim.x) * Warps) {
       const int64_t label = y[row];
       if (label == ignore_index) continue;
       warp_row(z + row * C, d + row * C, C, label, st, kc, acc);
@@ -124,7 +127,7 @@ __device__ void block_partial(const Z* z, const Dir* d, const int64_t* y, int64_
     if (threadIdx.x < 3 * kc) {
       const int r = threadIdx.x / kc, j = threadIdx.x % kc;
       T s = 0;
-      for (int w = 0; w < kWarps; ++w) s += red[w][r][j];
+      for (int w = 0; w < Warps; ++w) s += red[w][r][j];
       partial[(static_cast<int64_t>(blockIdx.x) * 3 + r) * stride + k0 + j] = s;
     }
     __syncthreads();
@@ -138,15 +141,15 @@ __device__ int64_t count_rows(const int64_t* y, int64_t n, int64_t ignore_index,
   return block_reduce<int64_t, false>(m, reinterpret_cast<int64_t*>(scratch));
 }
 
-template <typename Z, typename Dir, typename T>
-__global__ void __launch_bounds__(kThreads) line_stats_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
+template <int Warps, typename Z, typename Dir, typename T>
+__global__ void __launch_bounds__(Warps * kWarpSize) line_stats_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
                                                               const int64_t* __restrict__ y, int64_t n, int64_t C,
                                                               int64_t ignore_index, const T* __restrict__ steps,
                                                               int K, T* __restrict__ partial) {
-  __shared__ T red[kWarps][3][kRegs];
+  __shared__ T red[Warps][3][kRegs];
   for (int k0 = 0; k0 < K; k0 += kChunk) {
     const int k = K - k0 < kChunk ? K - k0 : kChunk;
-    block_partial(z, d, y, n, C, ignore_index, steps + k0, k, partial + k0, K, red);
+    block_partial<Warps>(z, d, y, n, C, ignore_index, steps + k0, k, partial + k0, K, red);
   }
 }
 
@@ -166,7 +169,7 @@ __global__ void finalize_kernel(const T* __restrict__ partial, int blocks, int K
 }
 
 // The scorer the drivers call inside search_kernel: partials, grid barrier, identical sums in every block.
-template <typename Z, typename Dir, typename T>
+template <int Warps, typename Z, typename Dir, typename T>
 struct GridScorer {
   const Z* z;
   const Dir* d;
@@ -181,7 +184,7 @@ struct GridScorer {
   __device__ void operator()(const T* steps, int k, T* loss, T* slope, T* curv) {
     T* buf = partial + static_cast<int64_t>(parity) * gridDim.x * 3 * kChunk;
     parity ^= 1;
-    block_partial(z, d, y, n, C, ignore_index, steps, k, buf, kChunk, red);
+    block_partial<Warps>(z, d, y, n, C, ignore_index, steps, k, buf, kChunk, red);
     if (gridDim.x > 1) {
       cooperative_groups::this_grid().sync();
     }
@@ -201,16 +204,16 @@ struct GridScorer {
   }
 };
 
-template <typename Z, typename Dir, typename T>
-__global__ void __launch_bounds__(kThreads) search_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
+template <int Warps, typename Z, typename Dir, typename T>
+__global__ void __launch_bounds__(Warps * kWarpSize) search_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
                                                           const int64_t* __restrict__ y, int64_t n, int64_t C,
                                                           int64_t ignore_index, Plan plan, T* __restrict__ partial,
                                                           T* __restrict__ result, bool* __restrict__ capped) {
-  __shared__ T red[kWarps][3][kRegs];
+  __shared__ T red[Warps][3][kRegs];
   __shared__ T sums[3][kChunk];
   __shared__ int64_t scratch[kWarpSize];
   const int64_t m = count_rows(y, n, ignore_index, scratch);
-  GridScorer<Z, Dir, T> score{z, d, y, n, C, ignore_index, partial, T(1) / T(m > 1 ? m : 1), 0, red, sums};
+  GridScorer<Warps, Z, Dir, T> score{z, d, y, n, C, ignore_index, partial, T(1) / T(m > 1 ? m : 1), 0, red, sums};
   const Outcome<T> out = run_search<T>(score, plan);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     result[0] = out.step;
@@ -238,6 +241,23 @@ void with_direction(const at::Tensor& d, F&& f) {
   }
 }
 
+// f(std::integral_constant<int, Warps>) for the rows per block of the launch settings: 8 for every dtype; 2 and 4
+// (the sweep's other values) are built for fp32 z0 and d only.
+template <typename Z, typename Dir, typename F>
+void with_warps(F&& f) {
+  if constexpr (std::is_same_v<Z, float> && std::is_same_v<Dir, float>) {
+    switch (cuda_launch().scorer_warps) {
+      case 2:
+        return f(std::integral_constant<int, 2>{});
+      case 4:
+        return f(std::integral_constant<int, 4>{});
+      default:
+        break;
+    }
+  }
+  f(std::integral_constant<int, kWarps>{});
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -253,21 +273,25 @@ at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction
   at::Tensor out = at::empty({3, K}, z.options().dtype(acc));
   if (K == 0) return out;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + cuda::kWarps - 1) / cuda::kWarps, 4 * sms));
-  at::Tensor partial = at::empty({blocks, 3, K}, out.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.line_stats_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     cuda::with_direction<scalar_t, T>(d, [&](const auto* dp) {
-      cuda::line_stats_kernel<scalar_t><<<blocks, cuda::kThreads, 0, stream>>>(
-          z.data_ptr<scalar_t>(), dp, y.data_ptr<int64_t>(), n, C, ignore_index, t.data_ptr<T>(),
-          static_cast<int>(K), partial.data_ptr<T>());
+      using Dir = std::remove_cv_t<std::remove_pointer_t<decltype(dp)>>;
+      cuda::with_warps<scalar_t, Dir>([&](auto warps) {
+        constexpr int Warps = decltype(warps)::value;
+        const int blocks = static_cast<int>(std::min<int64_t>((n + Warps - 1) / Warps, 4 * sms));
+        at::Tensor partial = at::empty({blocks, 3, K}, out.options());
+        cuda::line_stats_kernel<Warps, scalar_t><<<blocks, Warps * cuda::kWarpSize, 0, stream>>>(
+            z.data_ptr<scalar_t>(), dp, y.data_ptr<int64_t>(), n, C, ignore_index, t.data_ptr<T>(),
+            static_cast<int>(K), partial.data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::finalize_kernel<T><<<1, cuda::kFinalThreads, 0, stream>>>(
+            partial.data_ptr<T>(), blocks, static_cast<int>(K), y.data_ptr<int64_t>(), n, ignore_index,
+            out.data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda::finalize_kernel<T><<<1, cuda::kThreads, 0, stream>>>(partial.data_ptr<T>(), blocks, static_cast<int>(K),
-                                                                y.data_ptr<int64_t>(), n, ignore_index,
-                                                                out.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -293,32 +317,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
     using T = at::opmath_type<scalar_t>;
     cuda::with_direction<scalar_t, T>(d, [&](const auto* direction_ptr) {
       using Dir = std::remove_cv_t<std::remove_pointer_t<decltype(direction_ptr)>>;
-      auto kernel = cuda::search_kernel<scalar_t, Dir, T>;
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kThreads, 0));
-      // All blocks must be resident at once for the grid barrier; one block when that cannot be promised.
-      const int64_t wanted = (n + cuda::kWarps - 1) / cuda::kWarps;
-      const int blocks =
-          cooperative && per_sm > 0
-              ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * props->multiProcessorCount))
-              : 1;
-      at::Tensor partial = at::empty({2, blocks, 3, kChunk}, result.options());
-      const scalar_t* zp = z.data_ptr<scalar_t>();
-      const Dir* dp = direction_ptr;
-      const int64_t* yp = y.data_ptr<int64_t>();
-      T* pp = partial.data_ptr<T>();
-      T* rp = result.data_ptr<T>();
-      bool* cp = capped.data_ptr<bool>();
-      int64_t rows = n, classes = C, ignore = ignore_index;
-      Plan p = plan;
-      void* args[] = {&zp, &dp, &yp, &rows, &classes, &ignore, &p, &pp, &rp, &cp};
-      if (blocks > 1) {
-        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
-                                                   dim3(cuda::kThreads), args, 0, stream));
-      } else {
-        kernel<<<1, cuda::kThreads, 0, stream>>>(zp, dp, yp, rows, classes, ignore, p, pp, rp, cp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      cuda::with_warps<scalar_t, Dir>([&](auto warps) {
+        constexpr int Warps = decltype(warps)::value;
+        auto kernel = cuda::search_kernel<Warps, scalar_t, Dir, T>;
+        int per_sm = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Warps * cuda::kWarpSize, 0));
+        // All blocks must be resident at once for the grid barrier; one block when that cannot be promised.
+        const int64_t wanted = (n + Warps - 1) / Warps;
+        const int blocks =
+            cooperative && per_sm > 0
+                ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * props->multiProcessorCount))
+                : 1;
+        at::Tensor partial = at::empty({2, blocks, 3, kChunk}, result.options());
+        const scalar_t* zp = z.data_ptr<scalar_t>();
+        const Dir* dp = direction_ptr;
+        const int64_t* yp = y.data_ptr<int64_t>();
+        T* pp = partial.data_ptr<T>();
+        T* rp = result.data_ptr<T>();
+        bool* cp = capped.data_ptr<bool>();
+        int64_t rows = n, classes = C, ignore = ignore_index;
+        Plan p = plan;
+        void* args[] = {&zp, &dp, &yp, &rows, &classes, &ignore, &p, &pp, &rp, &cp};
+        if (blocks > 1) {
+          C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
+                                                     dim3(Warps * cuda::kWarpSize), args, 0, stream));
+        } else {
+          kernel<<<1, Warps * cuda::kWarpSize, 0, stream>>>(zp, dp, yp, rows, classes, ignore, p, pp, rp, cp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
     });
   });
   return {result[0], result[1], result[2], capped};

@@ -1,14 +1,15 @@
-"""Block-size sweep of the Triton kernels: each family's tuning constants set in turn, checked, timed.
+"""Block-size sweep of the Triton and CUDA kernels: each family's tuning settings set in turn, checked, timed.
 
-    python benchmarks/sweep_triton.py --json sweep.json            # on a GPU (triton.testing.do_bench)
-    TRITON_INTERPRET=1 python benchmarks/sweep_triton.py --device cpu --quick   # logic check only, no timings worth reading
+    python benchmarks/sweep.py --json sweep.json            # on a GPU (triton.testing.do_bench)
+    TRITON_INTERPRET=1 python benchmarks/sweep.py --device cpu --quick   # Triton logic check only, no timings worth reading
 
-The kernels' host functions read their module constants (``kernels/*.py``: ``BLOCK_N``, ``NUM_WARPS``,
-``TILE_ELEMENTS``, ``RES_BLOCK_N``, ``LF_BLOCK_N``, ...) at every call, so a sweep sets them, calls the kernel
-on a SPEC section 5 case, compares the output with the output at the shipped constants (a configuration
-that disagrees, or fails to compile, is reported and not timed) and times it. The table says which setting
-was fastest per case; the constants in ``kernels/`` are changed by hand, with the card and this command
-written beside them.
+The Triton kernels' host functions read their module constants (``kernels/*.py``: ``BLOCK_N``, ``NUM_WARPS``,
+``TILE_ELEMENTS``, ``RES_BLOCK_N``, ``LF_BLOCK_N``, ...) at every call; the CUDA kernels read their launch settings
+(``csrc/common.h`` ``CudaLaunch``: threads per row of the residual kernel, rows per block of the scorer and the
+one-launch search) from ``pof_fast._C._cuda_launch``. A sweep sets them, calls the kernel on a SPEC section 5 case,
+compares the output with the output at the shipped settings (a configuration that disagrees, or fails to compile,
+is reported and not timed) and times it. The table says which setting was fastest per case; the shipped values
+are changed by hand, with the card and this command written beside them.
 """
 from __future__ import annotations
 
@@ -21,15 +22,33 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from pof_fast import reference
+from pof_fast import _ext, reference
 from pof_fast.backends.triton import load_kernels
 
-# family -> (module, {constant: values}, cases): small grids, so the sweep fits a short GPU stage.
+# family -> (module, {setting: values}, cases): small grids, so the sweep fits a short GPU stage. Module: a
+# kernels/ module (Triton) or "cuda" (the extension's launch settings).
 GRIDS: Dict[str, Tuple[str, Dict[str, Sequence[int]], Sequence[str]]] = {
     "line_stats": ("line_stats", {"BLOCK_N": (8, 16, 32), "NUM_WARPS": (4, 8)}, ("A", "B", "C")),
     "head_residual": ("head_residual", {"RES_BLOCK_N": (8, 16, 32)}, ("B", "C")),
     "logits_free": ("logits_free", {"LF_BLOCK_N": (32, 64), "LF_BLOCK_C": (32, 64), "LF_NUM_WARPS": (4, 8)}, ("D",)),
+    "cuda_residual": ("cuda", {"row_threads": (128, 256, 512, 1024)}, ("C", "D")),
+    "cuda_search": ("cuda", {"scorer_warps": (2, 4, 8)}, ("A", "B", "C")),
 }
+CUDA_FAMILIES = tuple(f for f, (module, _, _) in GRIDS.items() if module == "cuda")
+
+
+class CudaLaunch:
+    """The extension's CUDA launch settings (``csrc/common.h`` ``CudaLaunch``) as attributes."""
+
+    FIELDS = ("row_threads", "scorer_warps")
+
+    def __getattr__(self, name: str) -> int:
+        return _ext.cuda_launch()[self.FIELDS.index(name)]
+
+    def __setattr__(self, name: str, value: int) -> None:
+        values = list(_ext.cuda_launch())
+        values[self.FIELDS.index(name)] = value
+        _ext.set_cuda_launch(*values)
 # n, D, C, dtype; D is reduced (the full head takes seconds per call and would not fit the stage).
 SIZES = {"A": (256, 640, 10, torch.float32), "B": (256, 640, 100, torch.float32),
          "C": (256, 2560, 1000, torch.float32), "D": (1024, 1024, 32000, torch.bfloat16)}
@@ -54,6 +73,11 @@ def problem(case: str, device: torch.device, quick: bool) -> Dict[str, Any]:
 
 
 def call(family: str, kernels: Any, p: Dict[str, Any]) -> Callable[[], torch.Tensor]:
+    ops = torch.ops.pof_fast
+    if family == "cuda_residual":
+        return lambda: ops.head_gradient(p["h"], p["w"], p["b"], p["y"], -100, True)[1]
+    if family == "cuda_search":  # l(0) and l(t*) of bracket_grid: another block count may break a tie elsewhere
+        return lambda: torch.stack(ops.search(p["z0"], p["d"], p["y"], "bracket_grid", 1.0, 100.0, 16, -100, 8, 8)[1:3])
     if family == "line_stats":
         return lambda: kernels.line_stats.line_stats(p["z0"], p["d"], p["y"], p["steps"], -100)
     if family == "head_residual":
@@ -76,9 +100,9 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
 
 
 def sweep(family: str, device: torch.device, quick: bool) -> List[Dict[str, Any]]:
-    kernels = load_kernels()
     module_name, grid, cases = GRIDS[family]
-    module = getattr(kernels, module_name)
+    kernels = None if module_name == "cuda" else load_kernels()
+    module = CudaLaunch() if module_name == "cuda" else getattr(kernels, module_name)
     shipped = {name: getattr(module, name) for name in grid}
     rows = []
     for case in cases:
@@ -92,7 +116,8 @@ def sweep(family: str, device: torch.device, quick: bool) -> List[Dict[str, Any]
                 for name, value in setting.items():
                     setattr(module, name, value)
                 got = fn()
-                if not torch.allclose(got, want, rtol=1e-4, atol=1e-6, equal_nan=True):
+                rtol = 1e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-4  # 16-bit: one rounding apart
+                if not torch.allclose(got.float(), want.float(), rtol=rtol, atol=1e-6, equal_nan=True):
                     row["error"] = f"disagrees with the shipped setting (max diff {(got - want).abs().max().item():.3g})"
                 else:
                     row["seconds"] = timed(fn, device)
@@ -120,12 +145,15 @@ def report(rows: List[Dict[str, Any]]) -> None:
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--families", default=",".join(GRIDS), help="comma-separated, of " + ", ".join(GRIDS))
+    parser.add_argument("--families", help="comma-separated, of " + ", ".join(GRIDS) + " (default: all; the CUDA "
+                        "ones need a GPU and the extension built with CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a logic check)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = [row for family in args.families.split(",") for row in sweep(family, device, args.quick)]
+    families = args.families.split(",") if args.families else [
+        f for f in GRIDS if f not in CUDA_FAMILIES or (device.type == "cuda" and _ext.cuda_compiled())]
+    rows = [row for family in families for row in sweep(family, device, args.quick)]
     report(rows)
     if args.json:
         meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
