@@ -142,8 +142,9 @@ def test_floor_target_is_judged_on_the_auto_bracket_grid_row():
 
 
 def test_case_d_targets_judge_newton_and_memory_per_backend():
-    """Newton within 1.5x of bracket_grid on its backend; peak memory beyond the returned direction in 16-bit
-    [n, C] arrays: two (plus an 8 MiB chunk) for cuda, none (plus a 16-bit u_W) for triton."""
+    """Newton within 1.5x of bracket_grid on its backend; triton within 3x of the lowest floor of the case; peak
+    memory beyond the returned direction in 16-bit [n, C] arrays: two (plus an 8 MiB chunk) for cuda, none (plus a
+    16-bit u_W) for triton."""
     n, classes, dim = 64, 1000, 32
     array, returned = n * classes * 2, classes * dim * 4 + classes * 4
 
@@ -152,9 +153,13 @@ def test_case_d_targets_judge_newton_and_memory_per_backend():
                     x_floor=1.0, speedup={b: 10.0 for b in BASELINES})
 
     rows = [row("cuda", "bracket_grid", 1.0, returned + 2 * array + (1 << 23)), row("cuda", "newton", 1.4, 0),
-            row("triton", "bracket_grid", 1.0, returned + classes * dim * 2 + 1), row("triton", "newton", 1.6, 0)]
+            row("triton", "bracket_grid", 1.0, returned + classes * dim * 2 + 1), row("triton", "newton", 1.6, 0),
+            dict(row("cuda", "floor", 0.4, 0), kind="floor"), dict(row("triton", "floor", 2.0, 0), kind="floor")]
     got = {(t["backend"], t["baseline"]): t for t in judge_targets("cuda", {"D": dict(
         n=n, classes=classes, dim=dim, rows=rows)})}
+    # triton against the lowest floor of the case (cuda's 0.4 s: 2.5x), not its own (2.0 s)
+    assert got["triton", "floor"]["value"] == pytest.approx(2.5) and got["triton", "floor"]["met"]
+    assert got["cuda", "floor"]["value"] == 1.0  # cuda against its own floor: the row's x_floor
     assert got["cuda", "bracket_grid"]["met"] and got["cuda", "bracket_grid"]["value"] == pytest.approx(1.4)
     assert not got["triton", "bracket_grid"]["met"]
     assert got["cuda", "memory"]["met"] and got["cuda", "memory"]["value"] == pytest.approx(2 + (1 << 23) / array)
