@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 
 from pof_fast import _ext, reference
+from pof_fast._types import HALF_DTYPES
 from pof_fast.backends.triton import load_kernels
 
 # family -> (module, {setting: values}, cases): small grids, so the sweep fits a short GPU stage. Module: a
@@ -116,7 +117,7 @@ def sweep(family: str, device: torch.device, quick: bool) -> List[Dict[str, Any]
                 for name, value in setting.items():
                     setattr(module, name, value)
                 got = fn()
-                rtol = 1e-2 if got.dtype in (torch.float16, torch.bfloat16) else 1e-4  # 16-bit: one rounding apart
+                rtol = 1e-2 if got.dtype in HALF_DTYPES else 1e-4  # 16-bit: one rounding apart
                 if not torch.allclose(got.float(), want.float(), rtol=rtol, atol=1e-6, equal_nan=True):
                     row["error"] = f"disagrees with the shipped setting (max diff {(got - want).abs().max().item():.3g})"
                 else:

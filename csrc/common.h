@@ -60,10 +60,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_weight,
                             const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale,
                             const c10::optional<at::Tensor>& residual);
-// d = h u_W^T + u_b as a 16-bit [n, C] array (stores_16bit_lines); unit_weight and unit_bias (fp32 u) are rounded
-// in place to the features' dtype first, so d is formed from the values they then hold.
-at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& unit_weight,
-                                  const c10::optional<at::Tensor>& unit_bias);
+// d = h u_W^T + u_b as a 16-bit [n, C] array (stores_16bit_lines). grad_weight and grad_bias (fp32 g; grad_bias
+// nullopt without a bias) become u = scale g rounded to the features' dtype, in place, and d is formed from the
+// values they then hold.
+at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& grad_weight,
+                                  const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale);
 
 // The whole search (csrc/line_search.cpp): step, u_W, u_b ([0] without bias), ||g||, l(0), l(t*), capped, ||u||
 // (pof_fast._types.SearchTensors).

@@ -192,10 +192,10 @@ at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_w
   const int64_t n = features.size(0), D = features.size(1), C = grad_weight.size(0);
   const bool gram = residual.has_value() && residual->defined() && gram_cheaper(n, D, C);
   const bool with_bias = grad_bias.has_value() && grad_bias->defined() && grad_bias->numel() > 0;
-  if (!gram && is_16bit(features)) {  // u = scale g in a copy (g is the caller's), then the 16-bit d of u
-    at::Tensor unit_weight = grad_weight * scale;
+  if (!gram && is_16bit(features)) {  // the 16-bit d of u = scale g, formed in copies (g is the caller's)
+    at::Tensor unit_weight = grad_weight.clone();
     return direction_logits_16bit(features, unit_weight,
-                                  with_bias ? c10::optional<at::Tensor>(*grad_bias * scale) : c10::nullopt);
+                                  with_bias ? c10::optional<at::Tensor>(grad_bias->clone()) : c10::nullopt, scale);
   }
   const at::Tensor h = features.to(grad_weight.scalar_type());
   // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
@@ -211,27 +211,26 @@ at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_w
   return d.mul_(scale);
 }
 
-at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& unit_weight,
-                                  const c10::optional<at::Tensor>& unit_bias) {
+at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& grad_weight,
+                                  const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale) {
   const at::ScalarType dtype = features.scalar_type();
-  const int64_t C = unit_weight.size(0);
-  const int64_t chunk = std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, unit_weight.size(1)));
-  const bool with_bias = unit_bias.has_value() && unit_bias->defined() && unit_bias->numel() > 0;
+  const int64_t C = grad_weight.size(0);
+  const int64_t chunk = std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, grad_weight.size(1)));
   at::Tensor bias;
-  if (with_bias) {
-    bias = unit_bias->to(dtype);
-    unit_bias->copy_(bias);
+  if (grad_bias.has_value()) {
+    bias = grad_bias->mul_(scale).to(dtype);
+    grad_bias->copy_(bias);
   }
   at::Tensor d = at::empty({features.size(0), C}, features.options());
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t c1 = std::min(C, c0 + chunk);
-    at::Tensor u = unit_weight.slice(0, c0, c1);
+    at::Tensor u = grad_weight.slice(0, c0, c1).mul_(scale);  // u = scale g, a chunk at a time (one pass over g)
     const at::Tensor rounded = u.to(dtype);
     u.copy_(rounded);
     // d[:, c0:c1] = h u^T + u_b: 16-bit operands, fp32 accumulation (tensor cores on a GPU), one rounding at the
     // end, written in place (leading dimension C).
     at::Tensor columns = d.slice(1, c0, c1);
-    if (with_bias) {
+    if (bias.defined()) {
       at::addmm_out(columns, bias.slice(0, c0, c1), features, rounded.t());
     } else {
       at::mm_out(columns, features, rounded.t());

@@ -18,14 +18,12 @@ SearchTensors line_search(const at::Tensor& features, const at::Tensor& weight,
   // 2. d = h u_W^T + u_b, and u = scale * g in place (g is ours).
   at::Tensor direction;
   if (stores_16bit_lines(features, weight.size(0))) {
-    // R is spent: freed before d is formed, so that z0 and d are the only [n, C] arrays held. u_W is rounded to the
+    // R is spent: freed before d is formed, so that z0 and d are the only [n, C] arrays held. u is rounded to the
     // input dtype in place and d formed from it: the line searched is the line returned (||g|| and the scale stay
     // those of the fp32 g).
     residual = at::Tensor();
-    grad_weight.mul_(scale);
-    grad_bias.mul_(scale);  // [0] without a bias
     direction = direction_logits_16bit(features, grad_weight,
-                                       with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt);
+                                       with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt, scale);
   } else {
     direction = direction_logits(features, grad_weight,
                                  with_bias ? c10::optional<at::Tensor>(grad_bias) : c10::nullopt, scale, residual);

@@ -13,23 +13,14 @@ from typing import Optional
 
 import torch
 
+from ._types import HALF_DTYPES, empty_search_tensors, gram_cheaper
 from ._types import accumulation_dtype as _accumulation
-from ._types import empty_search_tensors
 
 __all__ = ["available", "reason", "cuda_compiled", "compiled_ops", "ops"]
 
 _module: Optional[ModuleType] = None
 _error: Optional[BaseException] = None
 _tried = False
-
-
-def _gram_cheaper(rows: int, dim: int, classes: int) -> bool:
-    """csrc/common.h ``gram_cheaper``: d as (h h^T) R costs fewer multiply-adds than h g_W^T."""
-    return rows * (dim + classes) < dim * classes
-
-
-def _is_16bit(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 def _register_fakes() -> None:
@@ -46,7 +37,8 @@ def _register_fakes() -> None:
         n, classes = features.shape[0], weight.shape[0]
         logits = features.new_empty((n, classes))
         # csrc/common.h stores_16bit_lines: large 16-bit heads keep R in the input dtype.
-        stored = features.dtype if _is_16bit(features) and not _gram_cheaper(n, features.shape[1], classes) else acc
+        stored = features.dtype if features.dtype in HALF_DTYPES and not gram_cheaper(n, features.shape[1], classes) \
+            else acc
         residual = features.new_empty((n, classes), dtype=stored)
         grad_weight = features.new_empty((classes, features.shape[1]), dtype=acc)
         grad_bias = features.new_empty((classes if bias is not None else 0,), dtype=acc)
@@ -55,8 +47,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "direction_logits")
     def _direction_logits(features, grad_weight, grad_bias, scale, residual):
         n, classes = features.shape[0], grad_weight.shape[0]
-        gram = residual is not None and _gram_cheaper(n, features.shape[1], classes)
-        return features.new_empty((n, classes), dtype=features.dtype if _is_16bit(features) and not gram
+        gram = residual is not None and gram_cheaper(n, features.shape[1], classes)
+        return features.new_empty((n, classes), dtype=features.dtype if features.dtype in HALF_DTYPES and not gram
                                   else grad_weight.dtype)
 
     @torch.library.register_fake(lib + "search")

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LOSS", "SLOPE", "CURVATURE", "METHODS", "DIRECTIONS", "FLOAT_DTYPES", "accumulation_dtype",
+    "LOSS", "SLOPE", "CURVATURE", "METHODS", "DIRECTIONS", "FLOAT_DTYPES", "HALF_DTYPES", "accumulation_dtype",
+    "gram_cheaper",
     "SearchPlan", "SearchOutcome", "HeadGradient", "SearchTensors", "assemble", "empty_search_tensors",
 ]
 
@@ -22,11 +23,18 @@ METHODS = ("newton", "bracket_grid", "grid")
 DIRECTIONS = ("normalized", "raw")
 # Float dtypes the public API accepts.
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The 16-bit ones: stored as they are for large heads, products on tensor cores (csrc/common.h is_16bit).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other float dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram_cheaper(rows: int, dim: int, classes: int) -> bool:
+    """d = (h h^T) R costs fewer multiply-adds than h g_W^T (SPEC section 4; csrc/common.h ``gram_cheaper``)."""
+    return rows * (dim + classes) < dim * classes
 
 
 @dataclass(frozen=True)

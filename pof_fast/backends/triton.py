@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import drivers, reference
-from .._types import HeadGradient, SearchOutcome, SearchPlan, SearchTensors, accumulation_dtype, assemble
+from .._types import (HeadGradient, SearchOutcome, SearchPlan, SearchTensors, accumulation_dtype, assemble,
+                      gram_cheaper)
 from .base import Backend, BackendUnavailable, register_search_op
 
 __all__ = ["TritonBackend", "load_kernels", "interpreting", "LOGITS_FREE_ELEMENTS", "RESIDUAL_CHUNK_ELEMENTS"]
@@ -149,7 +150,7 @@ class TritonBackend(Backend):
         h = features.to(grad.grad_weight.dtype)
         n, dim = h.shape
         classes = grad.grad_weight.shape[0]
-        if grad.residual is not None and n * (dim + classes) < dim * classes:
+        if grad.residual is not None and gram_cheaper(n, dim, classes):
             d = (h @ h.t()) @ grad.residual
         else:
             d = h @ grad.grad_weight.t()

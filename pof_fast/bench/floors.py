@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from .._types import HALF_DTYPES
 from ..backends.base import Backend
 from .cases import IGNORE_INDEX, SCRIPT, Problem
 
@@ -42,7 +43,7 @@ def floor_call(problem: Problem, backend: str, candidates: int) -> Callable[[], 
 def _gradient_product(residual: Tensor, h: Tensor) -> Callable[[], Tensor]:
     """g_W = R^T h as the backends form it: 16-bit R and h on a GPU on tensor cores with fp32 output, else in
     R's dtype (a 16-bit R on the CPU: in fp32)."""
-    if residual.dtype == h.dtype and h.dtype in (torch.float16, torch.bfloat16):
+    if residual.dtype == h.dtype and h.dtype in HALF_DTYPES:
         if h.is_cuda:
             return lambda: torch.mm(residual.t(), h, out_dtype=torch.float32)
         residual = residual.float()

@@ -89,7 +89,9 @@ def judge_targets(device: str, cases: Dict[str, Dict[str, Any]]) -> List[Dict[st
             out.append(dict(case=name, backend=backend, timing="call", baseline="floor", value=got, met=got <= most,
                             what=f"{backend} bracket_grid <= {most:g}x {which}: {got:.2f}x"))
     for target_device, most, names, backends in NEWTON_TARGETS:
-        for name in (c for c in names if c in cases and target_device == device):
+        if target_device != device:
+            continue
+        for name in (c for c in names if c in cases):
             for backend in backends:
                 got = (_judged(cases[name], backend, "backend", "median_s", method="newton")
                        / _judged(cases[name], backend, "backend", "median_s"))
