@@ -7,15 +7,23 @@ Environment (all optional):
   POF_FAST_BUILD_CUDA=0/1   force the CUDA kernels off/on (default: on when torch is a CUDA build and nvcc is found).
   TORCH_CUDA_ARCH_LIST      GPU architectures (default: the visible GPU's, else DEFAULT_CUDA_ARCHS).
   MAX_JOBS                  parallel compile jobs (ninja).
+
+The extension is built on the LibTorch stable ABI for torch STABLE_ABI_TARGET and on Python's limited API, so one
+binary (wheel tag cp310-abi3) serves every torch from 2.10 on and every CPython from 3.10 on (csrc/torch_calls.h).
 """
 import glob
 import os
+import platform
 import shutil
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest torch the compiled extension loads in: its stable ABI is all the C++ sources may use.
+STABLE_ABI_TARGET = (2, 10)
+# The oldest CPython the extension module loads in (Python's limited API; the wheel's abi3 tag).
+LIMITED_API = (3, 10)
 # CUDA 13 supports sm_75 and newer; PTX of the newest lets later GPUs JIT-compile the kernels.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
@@ -48,47 +56,61 @@ def _want_cuda(torch, cpp_extension):
     return torch.version.cuda is not None and has_toolkit
 
 
+def _version(text):
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
 def extensions():
-    """Compiled extension modules and the build command that makes them; ([], {}) for a pure-Python install."""
+    """Compiled extension modules, the build command that makes them and setup() options; ([], {}, {}) for a
+    pure-Python install."""
     if _flag("POF_FAST_BUILD_EXT") is False:
         _say("POF_FAST_BUILD_EXT=0: installing the pure-Python package (backend 'torch' only)")
-        return [], {}
+        return [], {}, {}
     try:
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # torch missing at build time: the package still installs
         _say(f"torch is not importable at build time ({exc}); installing without pof_fast._C. "
              "Install torch first and use `pip install --no-build-isolation .` to build the extension.")
-        return [], {}
+        return [], {}, {}
+    if _version(torch.__version__) < STABLE_ABI_TARGET:
+        _say(f"torch {torch.__version__} predates the stable ABI of torch {'.'.join(map(str, STABLE_ABI_TARGET))} "
+             "that pof_fast._C is built for; installing without it (backend 'torch' only)")
+        return [], {}, {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _say("no C++ compiler found; installing without pof_fast._C (backend 'torch' only)")
-        return [], {}
+        return [], {}, {}
 
     cuda = _want_cuda(torch, cpp_extension)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    flags = {"cxx": ["-O3", "-ffp-contract=off", "-Wno-psabi"]}
-    link = []
-    if sys.platform.startswith("linux"):
-        # at::parallel_for is OpenMP inline in ATen's headers: without -fopenmp it runs on one thread. The
-        # libgomp.so.1 it needs is the one torch has already loaded.
-        flags["cxx"].append("-fopenmp")
-        link.append("-fopenmp")
-    macros = []
+    major, minor = STABLE_ABI_TARGET
+    macros = [
+        ("TORCH_TARGET_VERSION", f"0x{major:02x}{minor:02x}000000000000"),
+        ("POF_FAST_ABI_MAJOR", str(major)),
+        ("POF_FAST_ABI_MINOR", str(minor)),
+        ("Py_LIMITED_API", f"0x{LIMITED_API[0]:02X}{LIMITED_API[1]:02X}0000"),
+    ]
+    # Loadable on glibc 2.28 (manylinux_2_28) whatever glibc compiles it: csrc/glibc_compat.h, included first.
+    compat = (["-include", os.path.join(ROOT, "csrc", "glibc_compat.h")]
+              if platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc" else [])
+    flags = {"cxx": ["-O3", "-ffp-contract=off", "-Wno-psabi"] + compat}
     if cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        macros.append(("POF_FAST_WITH_CUDA", None))
+        # USE_CUDA: the stable headers' CUDA shims (current stream, error messages) are declared under it.
+        macros += [("POF_FAST_WITH_CUDA", None), ("USE_CUDA", None)]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        flags["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        flags["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + compat
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     ext = make("pof_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
-               extra_compile_args=flags, extra_link_args=link)
-    _say(f"building pof_fast._C ({'CPU + CUDA' if cuda else 'CPU only'})")
+               extra_compile_args=flags, py_limited_api=True)
+    _say(f"building pof_fast._C ({'CPU + CUDA' if cuda else 'CPU only'}; stable ABI: torch >= {major}.{minor}, "
+         f"Python >= {LIMITED_API[0]}.{LIMITED_API[1]})")
     build = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build}
+    return [ext], {"build_ext": build}, {"bdist_wheel": {"py_limited_api": f"cp{LIMITED_API[0]}{LIMITED_API[1]}"}}
 
 
-ext_modules, cmdclass = extensions()
+ext_modules, cmdclass, options = extensions()
 
 setup(
     packages=["pof_fast", "pof_fast.backends", "pof_fast.bench", "pof_fast.cli", "pof_fast.integrations",
@@ -96,4 +118,5 @@ setup(
     package_dir={"pof_fast": "pof_fast", "pof_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options=options,
 )

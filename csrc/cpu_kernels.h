@@ -1,10 +1,10 @@
 // CPU building blocks shared by csrc/line_stats.cpp, csrc/head_residual.cpp and csrc/search.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cstdint>
 #include <vector>
+
+#include "torch_calls.h"
 
 namespace pof_fast {
 namespace cpu {
@@ -24,7 +24,7 @@ template <typename T>
 using LoadRow = void (*)(const void* src, T* out, int64_t C, int64_t Cp, T pad);
 
 template <typename T>
-LoadRow<T> row_loader(at::ScalarType source);
+LoadRow<T> row_loader(ScalarType source);
 
 // Scores k candidate steps on counted rows of z0 and d; a thread-count independent, deterministic
 // sum over fixed row blocks, divided by max(m, 1).
@@ -32,7 +32,7 @@ template <typename T>
 class LineScorer {
  public:
   // logits, direction: [n, C] any float dtype, contiguous; target: [n] int64 contiguous.
-  LineScorer(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, int64_t ignore_index);
+  LineScorer(const Tensor& logits, const Tensor& direction, const Tensor& target, int64_t ignore_index);
   void operator()(const T* steps, int k, T* loss, T* slope, T* curv);
 
  private:

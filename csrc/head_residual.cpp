@@ -1,13 +1,11 @@
 // Head gradient on the search batch (SPEC section 2, steps 2-4) and the direction logits.
 //
-//   z0  = h W0^T + b0                          (ATen linear, input dtype)
+//   z0  = h W0^T + b0                          (aten::linear, input dtype)
 //   R   = (softmax(z0) - onehot(y)) / max(m,1)  ignored rows zero          (fused row kernel)
 //   g_W = R^T h,  g_b = colsum(R),  ||g|| = sqrt(||g_W||^2 + ||g_b||^2)
 //   scale = 1/||g|| (normalized) or 1 (raw), 0 when g = 0
 //   d   = (h g_W^T + g_b) * scale,  or (h h^T) R when that product is cheaper (SPEC section 4)
 // Large 16-bit heads (stores_16bit_lines): R and d in the input dtype, d = h u16^T + u_b from u_W rounded to it.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -75,7 +73,7 @@ void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, con
   const T inv_m = T(1) / T(std::max<int64_t>(cpu::count_rows(y, n, ignore_index), 1));
   const int64_t Cp = cpu::padded(C);
   const int64_t grain = std::max<int64_t>(1, 16384 / Cp);
-  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     std::vector<T> buf(Cp);
     for (int64_t i = i0; i < i1; ++i) {
       O* r = out + i * C;
@@ -94,12 +92,26 @@ void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, con
   });
 }
 
-at::Tensor head_residual(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
-                         at::ScalarType out_dtype) {
+Tensor head_residual(const Tensor& logits, const Tensor& target, int64_t ignore_index, ScalarType out_dtype) {
 #ifdef POF_FAST_WITH_CUDA
   if (logits.is_cuda()) return head_residual_cuda(logits, target, ignore_index, out_dtype);
 #endif
   return head_residual_cpu(logits, target, ignore_index, out_dtype);
+}
+
+// d[i, c] <- (d[i, c] + g_b[c]) * scale in place (bias may be null): add_ then mul_, each rounded (no contraction).
+template <typename T>
+void direction_epilogue_cpu(T* d, int64_t n, int64_t C, const T* bias, T scale) {
+  torch::stable::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = d + i * C;
+      if (bias != nullptr) {
+        for (int64_t c = 0; c < C; ++c) row[c] = (row[c] + bias[c]) * scale;
+      } else {
+        for (int64_t c = 0; c < C; ++c) row[c] *= scale;
+      }
+    }
+  });
 }
 
 // Classes of u_W rounded and multiplied per chunk in direction_logits_16bit: 2^22 elements, so that the 16-bit copy
@@ -108,132 +120,150 @@ constexpr int64_t kRoundChunkElements = int64_t(1) << 22;
 
 }  // namespace
 
-at::Tensor head_residual_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
-                             at::ScalarType out_dtype) {
-  const at::Tensor z = logits.contiguous();
-  const at::Tensor y = target.to(at::kLong).contiguous();
-  const at::ScalarType acc = accumulation_type(z.scalar_type());
-  at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES(acc, "pof_fast.head_residual", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pof_fast.head_residual_out", [&] {
-      residual_rows<T, scalar_t>(static_cast<const char*>(z.data_ptr()), z.size(1) * z.element_size(),
-                                 cpu::row_loader<T>(z.scalar_type()), y.data_ptr<int64_t>(), z.size(0), z.size(1),
-                                 ignore_index, out.data_ptr<scalar_t>());
+Tensor head_residual_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index, ScalarType out_dtype) {
+  const Tensor z = as_contiguous(logits);
+  const Tensor y = as_contiguous(as_dtype(target, ScalarType::Long));
+  const ScalarType acc = accumulation_type(z.scalar_type());
+  Tensor out = torch::stable::new_empty(z, z.sizes(), out_dtype);
+  dispatch_accumulation(acc, [&](auto accumulated) {
+    using T = decltype(accumulated);
+    dispatch_stored(out_dtype, [&](auto stored) {
+      using O = decltype(stored);
+      residual_rows<T, O>(static_cast<const char*>(z.data_ptr()), z.size(1) * z.element_size(),
+                          cpu::row_loader<T>(z.scalar_type()), y.const_data_ptr<int64_t>(), z.size(0), z.size(1),
+                          ignore_index, out.mutable_data_ptr<O>());
     });
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_gradient(
-    const at::Tensor& features, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t ignore_index, bool normalized) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_gradient(const Tensor& features, const Tensor& weight,
+                                                                         const std::optional<Tensor>& bias,
+                                                                         const Tensor& target, int64_t ignore_index,
+                                                                         bool normalized) {
   POF_CHECK_DIM(features, 2, "features");
   POF_CHECK_DIM(weight, 2, "weight");
   POF_CHECK_FLOAT(features, "features");
   POF_CHECK_FLOAT(weight, "weight");
-  TORCH_CHECK_VALUE(weight.size(1) == features.size(1), "pof_fast: weight must have shape [C, ", features.size(1),
-              "] to match features, got ", weight.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == features.size(0), "pof_fast: target must have shape [",
-              features.size(0), "], got ", target.sizes());
+  POF_CHECK(weight.size(1) == features.size(1), "weight must have shape [C, ", features.size(1),
+            "] to match features, got ", shape_of(weight));
+  POF_CHECK(target.dim() == 1 && target.size(0) == features.size(0), "target must have shape [", features.size(0),
+            "], got ", shape_of(target));
   POF_CHECK_SAME_DEVICE(weight, features, "weight", "features");
   POF_CHECK_SAME_DEVICE(target, features, "target", "features");
   const bool with_bias = bias.has_value() && bias->defined();
   if (with_bias) {
     POF_CHECK_DIM(*bias, 1, "bias");
     POF_CHECK_SAME_DEVICE(*bias, features, "bias", "features");
-    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "pof_fast: bias must have shape [", weight.size(0), "], got ",
-                bias->sizes());
+    POF_CHECK(bias->size(0) == weight.size(0), "bias must have shape [", weight.size(0), "], got ", shape_of(*bias));
   }
   // 1. z0 = h W0^T + b0, in the input dtype as the reference computes it.
-  const at::Tensor logits = at::linear(features, weight, with_bias ? *bias : at::Tensor());
+  const Tensor logits = aten::linear(features, weight, with_bias ? bias : std::nullopt);
   // 2. R, fused: softmax, one-hot and 1/m in one pass per row; stored in the input dtype for large 16-bit heads.
-  const at::ScalarType acc = accumulation_type(features.scalar_type());
-  const at::Tensor residual = head_residual(
+  const ScalarType acc = accumulation_type(features.scalar_type());
+  const Tensor residual = head_residual(
       logits, target, ignore_index, stores_16bit_lines(features, weight.size(0)) ? features.scalar_type() : acc);
   // 3. g_W = R^T h, accumulated in fp32/fp64. 16-bit features on CUDA: tensor cores, R in the input dtype with
   // fp32 output (cuBLAS); elsewhere (CPU, fp32/fp64) in the accumulation dtype.
-  const at::Tensor grad_weight = tensor_core_gemms(features)
-                                     ? at::mm(residual.t().to(features.scalar_type()), features, at::kFloat)
-                                     : at::mm(residual.t().to(acc), features.to(acc));
-  at::Tensor grad_bias, norm, scale;
+  const Tensor residual_t = torch::stable::transpose(residual, 0, 1);
+  const Tensor grad_weight = tensor_core_gemms(features)
+                                 ? aten::mm(as_dtype(residual_t, features.scalar_type()), features, ScalarType::Float)
+                                 : aten::mm(as_dtype(residual_t, acc), as_dtype(features, acc));
+  Tensor grad_bias, norm, scale;
 #ifdef POF_FAST_WITH_CUDA
   if (features.is_cuda()) {
     // 4. g_b, ||g|| and the scale on the device (csrc/cuda/head_residual.cu), no host synchronisation.
     std::tie(grad_bias, norm, scale) = grad_finish_cuda(residual, grad_weight, with_bias, normalized);
-    if (!with_bias) grad_bias = at::empty({0}, grad_weight.options());
+    if (!with_bias) grad_bias = torch::stable::new_empty(grad_weight, {0});
     return {logits, residual, grad_weight, grad_bias, norm, scale};
   }
 #endif
   // 4. ||g|| as the norm of the row norms: square().sum() would write a [C, D] temporary (10x slower on
   // case D), and one flat linalg_vector_norm accumulates fp32 too loosely on ATen's CPU kernel (relative
   // error 2.6e-4 on a 1000 x 2560 head, 1.8e-3 on 32000 x 1024; the two-level form: 1e-9 and 3e-7).
-  norm = at::linalg_vector_norm(at::linalg_vector_norm(grad_weight, 2, at::IntArrayRef{1}), 2);
+  norm = aten::vector_norm(aten::vector_norm(grad_weight, 1), 0);
   if (with_bias) {
-    grad_bias = at::sum(residual, {0}, false, acc);
-    norm = at::linalg_vector_norm(at::stack({norm, at::linalg_vector_norm(grad_bias)}));
+    const int64_t rows = 0;
+    grad_bias = torch::stable::sum(residual, torch::headeronly::IntHeaderOnlyArrayRef(rows), false, acc);
+    norm = aten::vector_norm(aten::stack({norm, aten::vector_norm(grad_bias, 0)}), 0);
   } else {
-    grad_bias = at::empty({0}, grad_weight.options());
+    grad_bias = torch::stable::new_empty(grad_weight, {0});
   }
-  const at::Tensor positive = norm > 0;
-  scale = normalized ? at::where(positive, norm.reciprocal(), at::zeros_like(norm)) : positive.to(norm.scalar_type());
+  // 5. scale = 1/||g|| (normalized) or 1 (raw), 0 when g = 0 (or NaN): read on the host, where ||g|| is.
+  dispatch_accumulation(acc, [&](auto type) {
+    using T = decltype(type);
+    const T g = *norm.const_data_ptr<T>();
+    const T s = g > T(0) ? (normalized ? T(1) / g : T(1)) : T(0);
+    scale = torch::stable::full({}, static_cast<double>(s), acc, std::nullopt, norm.device());
+  });
   return {logits, residual, grad_weight, grad_bias, norm, scale};
 }
 
-at::Tensor direction_logits(const at::Tensor& features, const at::Tensor& grad_weight,
-                            const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& residual) {
+Tensor direction_logits(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
+                        const Tensor& scale, const std::optional<Tensor>& residual) {
   POF_CHECK_DIM(features, 2, "features");
   POF_CHECK_DIM(grad_weight, 2, "grad_weight");
-  TORCH_CHECK_VALUE(grad_weight.size(1) == features.size(1), "pof_fast: grad_weight must have shape [C, ",
-              features.size(1), "], got ", grad_weight.sizes());
+  POF_CHECK(grad_weight.size(1) == features.size(1), "grad_weight must have shape [C, ", features.size(1), "], got ",
+            shape_of(grad_weight));
   POF_CHECK_SAME_DEVICE(grad_weight, features, "grad_weight", "features");
   POF_CHECK_SAME_DEVICE(scale, features, "scale", "features");
   const int64_t n = features.size(0), D = features.size(1), C = grad_weight.size(0);
   const bool gram = residual.has_value() && residual->defined() && gram_cheaper(n, D, C);
   const bool with_bias = grad_bias.has_value() && grad_bias->defined() && grad_bias->numel() > 0;
   if (!gram && is_16bit(features)) {  // the 16-bit d of u = scale g, formed in copies (g is the caller's)
-    at::Tensor unit_weight = grad_weight.clone();
-    return direction_logits_16bit(features, unit_weight,
-                                  with_bias ? c10::optional<at::Tensor>(grad_bias->clone()) : c10::nullopt, scale);
+    return direction_logits_16bit(features, torch::stable::clone(grad_weight),
+                                  with_bias ? std::optional<Tensor>(torch::stable::clone(*grad_bias)) : std::nullopt,
+                                  scale);
   }
-  const at::Tensor h = features.to(grad_weight.scalar_type());
+  const ScalarType dtype = grad_weight.scalar_type();
+  const Tensor h = as_dtype(features, dtype);
   // h g_W^T = h h^T R: n^2 (D + C) multiply-adds instead of n D C when n is small.
-  at::Tensor d =
-      gram ? at::mm(at::mm(h, h.t()), residual->to(grad_weight.scalar_type())) : at::mm(h, grad_weight.t());
+  const Tensor d = gram ? aten::mm(aten::mm(h, torch::stable::transpose(h, 0, 1)), as_dtype(*residual, dtype))
+                        : aten::mm(h, torch::stable::transpose(grad_weight, 0, 1));
 #ifdef POF_FAST_WITH_CUDA
   if (d.is_cuda()) {
-    direction_epilogue_cuda(d, with_bias ? grad_bias : c10::nullopt, scale);
+    direction_epilogue_cuda(d, with_bias ? grad_bias : std::nullopt, scale);
     return d;
   }
 #endif
-  if (with_bias) d.add_(*grad_bias);
-  return d.mul_(scale);
+  const Tensor b = with_bias ? as_contiguous(as_dtype(*grad_bias, dtype)) : Tensor();
+  const Tensor s = as_dtype(scale, dtype);
+  dispatch_accumulation(dtype, [&](auto type) {
+    using T = decltype(type);
+    direction_epilogue_cpu<T>(d.mutable_data_ptr<T>(), n, C, with_bias ? b.const_data_ptr<T>() : nullptr,
+                              *s.const_data_ptr<T>());
+  });
+  return d;
 }
 
-at::Tensor direction_logits_16bit(const at::Tensor& features, at::Tensor& grad_weight,
-                                  const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale) {
-  const at::ScalarType dtype = features.scalar_type();
+Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
+                              const Tensor& scale) {
+  const ScalarType dtype = features.scalar_type();
   const int64_t C = grad_weight.size(0);
   const int64_t chunk = std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, grad_weight.size(1)));
-  at::Tensor bias;
+  Tensor bias;
   if (grad_bias.has_value()) {
-    bias = grad_bias->mul_(scale).to(dtype);
-    grad_bias->copy_(bias);
+    Tensor unit_bias = *grad_bias;
+    aten::mul_(unit_bias, scale);
+    bias = as_dtype(unit_bias, dtype);
+    torch::stable::copy_(unit_bias, bias);
   }
-  at::Tensor d = at::empty({features.size(0), C}, features.options());
+  Tensor d = torch::stable::new_empty(features, {features.size(0), C});
+  Tensor weight = grad_weight;
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t c1 = std::min(C, c0 + chunk);
-    at::Tensor u = grad_weight.slice(0, c0, c1).mul_(scale);  // u = scale g, a chunk at a time (one pass over g)
-    const at::Tensor rounded = u.to(dtype);
-    u.copy_(rounded);
+    Tensor u = torch::stable::narrow(weight, 0, c0, c1 - c0);
+    aten::mul_(u, scale);  // u = scale g, a chunk at a time (one pass over g)
+    const Tensor rounded = as_dtype(u, dtype);
+    torch::stable::copy_(u, rounded);
     // d[:, c0:c1] = h u^T + u_b: 16-bit operands, fp32 accumulation (tensor cores on a GPU), one rounding at the
     // end, written in place (leading dimension C).
-    at::Tensor columns = d.slice(1, c0, c1);
+    const Tensor columns = torch::stable::narrow(d, 1, c0, c1 - c0);
+    const Tensor rounded_t = torch::stable::transpose(rounded, 0, 1);
     if (bias.defined()) {
-      at::addmm_out(columns, bias.slice(0, c0, c1), features, rounded.t());
+      aten::addmm_out(columns, torch::stable::narrow(bias, 0, c0, c1 - c0), features, rounded_t);
     } else {
-      at::mm_out(columns, features, rounded.t());
+      aten::mm_out(columns, features, rounded_t);
     }
   }
   return d;

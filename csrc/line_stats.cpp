@@ -4,11 +4,7 @@
 //   1. mx = max_c x_c
 //   2. s0 = sum_c e_c, s1 = sum_c e_c d_ic, s2 = sum_c e_c d_ic^2, with e_c = exp(x_c - mx)
 //   3. loss = mx + log s0 - z0_iy + t d_iy,  slope = d_iy - s1/s0,  curvature = s2/s0 - (s1/s0)^2
-// Rows are split into fixed blocks run with at::parallel_for; block sums are added in block order.
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
+// Rows are split into fixed blocks run with torch::stable::parallel_for; block sums are added in block order.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -145,25 +141,20 @@ int64_t count_rows(const int64_t* target, int64_t n, int64_t ignore_index) {
 }
 
 template <typename T>
-LoadRow<T> row_loader(at::ScalarType source) {
-  switch (source) {
-    case at::kFloat: return &load_row<float, T>;
-    case at::kDouble: return &load_row<double, T>;
-    case at::kHalf: return &load_row<c10::Half, T>;
-    case at::kBFloat16: return &load_row<c10::BFloat16, T>;
-    default: TORCH_CHECK_TYPE(false, "pof_fast: unsupported dtype ", source, " (use float32/float64/float16/bfloat16)");
-  }
+LoadRow<T> row_loader(ScalarType source) {
+  LoadRow<T> load = nullptr;
+  dispatch_stored(source, [&](auto stored) { load = &load_row<decltype(stored), T>; });
+  return load;
 }
 
-template LoadRow<float> row_loader<float>(at::ScalarType);
-template LoadRow<double> row_loader<double>(at::ScalarType);
+template LoadRow<float> row_loader<float>(ScalarType);
+template LoadRow<double> row_loader<double>(ScalarType);
 
 template <typename T>
-LineScorer<T>::LineScorer(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
-                          int64_t ignore_index)
+LineScorer<T>::LineScorer(const Tensor& logits, const Tensor& direction, const Tensor& target, int64_t ignore_index)
     : z_(static_cast<const char*>(logits.data_ptr())),
       d_(static_cast<const char*>(direction.data_ptr())),
-      y_(target.data_ptr<int64_t>()),
+      y_(target.const_data_ptr<int64_t>()),
       z_row_bytes_(logits.size(1) * logits.element_size()),
       d_row_bytes_(direction.size(1) * direction.element_size()),
       n_(logits.size(0)),
@@ -172,7 +163,7 @@ LineScorer<T>::LineScorer(const at::Tensor& logits, const at::Tensor& direction,
       ignore_index_(ignore_index),
       load_z_(row_loader<T>(logits.scalar_type())),
       load_d_(row_loader<T>(direction.scalar_type())) {
-  // Row blocks of ~8k padded elements (a few microseconds of work, well above at::parallel_for's
+  // Row blocks of ~8k padded elements (a few microseconds of work, well above parallel_for's
   // overhead on the dev box): small heads stay on one thread, large ones spread over all cores.
   rows_per_block_ = std::max<int64_t>(1, std::min<int64_t>(256, 8192 / Cp_));
   blocks_ = (n_ + rows_per_block_ - 1) / rows_per_block_;
@@ -181,10 +172,10 @@ LineScorer<T>::LineScorer(const at::Tensor& logits, const at::Tensor& direction,
 
 template <typename T>
 void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv) {
-  TORCH_CHECK(k <= kLanes, "pof_fast: at most ", kLanes, " candidates per scorer call, got ", k);
+  STD_TORCH_CHECK(k <= kLanes, "pof_fast: at most ", kLanes, " candidates per scorer call, got ", k);
   partial_.assign(static_cast<size_t>(blocks_) * 3 * k, T(0));
   const T pad = T(-1e30);
-  at::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> zbuf(Cp_), dbuf(Cp_);
     for (int64_t b = b0; b < b1; ++b) {
       T* acc = partial_.data() + b * 3 * k;
@@ -217,37 +208,48 @@ template class LineScorer<double>;
 
 }  // namespace cpu
 
-at::Tensor check_line_inputs(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target) {
+std::string shape_of(const Tensor& t) {
+  std::ostringstream out;
+  out << '[';
+  for (int64_t i = 0; i < t.dim(); ++i) out << (i ? ", " : "") << t.size(i);
+  out << ']';
+  return out.str();
+}
+
+std::string device_of(const Tensor& t) { return t.is_cuda() ? message("cuda:", t.get_device_index()) : "cpu"; }
+
+Tensor check_line_inputs(const Tensor& logits, const Tensor& direction, const Tensor& target) {
   POF_CHECK_DIM(logits, 2, "logits");
   POF_CHECK_DIM(direction, 2, "direction");
   POF_CHECK_FLOAT(logits, "logits");
   POF_CHECK_FLOAT(direction, "direction");
-  TORCH_CHECK_VALUE(direction.sizes() == logits.sizes(), "pof_fast: direction must have the shape of logits ",
-              logits.sizes(), ", got ", direction.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0), "pof_fast: target must have shape [",
-              logits.size(0), "] (one label per row), got ", target.sizes());
-  TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool,
-              "pof_fast: target must be an integer tensor, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(0) > 0 && logits.size(1) > 0, "pof_fast: logits must have at least one row and one class, got ",
-              logits.sizes());
+  POF_CHECK(direction.size(0) == logits.size(0) && direction.size(1) == logits.size(1),
+            "direction must have the shape of logits ", shape_of(logits), ", got ", shape_of(direction));
+  POF_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target must have shape [", logits.size(0),
+            "] (one label per row), got ", shape_of(target));
+  POF_CHECK(!is_float(target.scalar_type()) && target.scalar_type() != ScalarType::Bool,
+            "target must be an integer tensor, got ", target.scalar_type());
+  POF_CHECK(logits.size(0) > 0 && logits.size(1) > 0, "logits must have at least one row and one class, got ",
+            shape_of(logits));
   POF_CHECK_SAME_DEVICE(direction, logits, "direction", "logits");
   POF_CHECK_SAME_DEVICE(target, logits, "target", "logits");
-  return target.to(at::kLong).contiguous();
+  return as_contiguous(as_dtype(target, ScalarType::Long));
 }
 
-at::Tensor line_stats_cpu(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
-                          const at::Tensor& steps, int64_t ignore_index) {
-  const at::Tensor y = check_line_inputs(logits, direction, target);
+Tensor line_stats_cpu(const Tensor& logits, const Tensor& direction, const Tensor& target, const Tensor& steps,
+                      int64_t ignore_index) {
+  const Tensor y = check_line_inputs(logits, direction, target);
   POF_CHECK_DIM(steps, 1, "steps");
-  const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  const at::Tensor z = logits.contiguous(), d = direction.contiguous();
-  const at::Tensor t = steps.to(at::kCPU, acc).contiguous();
+  const ScalarType acc = accumulation_type(logits.scalar_type());
+  const Tensor z = as_contiguous(logits), d = as_contiguous(direction);
+  const Tensor t = as_contiguous(as_dtype(steps, acc));
   const int64_t K = t.size(0);
-  at::Tensor out = at::empty({3, K}, logits.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "pof_fast.line_stats", [&] {
-    cpu::LineScorer<scalar_t> score(z, d, y, ignore_index);
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* s = t.data_ptr<scalar_t>();
+  Tensor out = torch::stable::new_empty(logits, {3, K}, acc);
+  dispatch_accumulation(acc, [&](auto type) {
+    using T = decltype(type);
+    cpu::LineScorer<T> score(z, d, y, ignore_index);
+    T* o = out.mutable_data_ptr<T>();
+    const T* s = t.const_data_ptr<T>();
     for (int64_t k0 = 0; k0 < K; k0 += cpu::kLanes) {
       const int k = static_cast<int>(std::min<int64_t>(cpu::kLanes, K - k0));
       score(s + k0, k, o + k0, o + K + k0, o + 2 * K + k0);

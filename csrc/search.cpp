@@ -6,46 +6,47 @@
 
 namespace pof_fast {
 
-Method parse_method(c10::string_view method) {
+Method parse_method(std::string_view method) {
   if (method == "newton") return kNewton;
   if (method == "bracket_grid") return kBracketGrid;
   if (method == "grid") return kGrid;
-  TORCH_CHECK_VALUE(false, "pof_fast: method must be one of ['newton', 'bracket_grid', 'grid'], got '",
-              std::string(method), "'");
+  throw std::runtime_error(
+      message("pof_fast: method must be one of ['newton', 'bracket_grid', 'grid'], got '", method, "'"));
 }
 
-Plan make_plan(c10::string_view method, double init_step, double max_step, int64_t partitions,
+Plan make_plan(std::string_view method, double init_step, double max_step, int64_t partitions,
                int64_t newton_iterations, int64_t newton_points) {
-  TORCH_CHECK_VALUE(init_step > 0 && max_step > 0, "pof_fast: init_step and max_step must be positive, got ", init_step,
-              " and ", max_step);
-  TORCH_CHECK_VALUE(partitions > 0, "pof_fast: partitions must be positive, got ", partitions);
-  TORCH_CHECK_VALUE(newton_iterations >= 0, "pof_fast: newton_iterations must be >= 0, got ", newton_iterations);
-  TORCH_CHECK_VALUE(newton_points >= 1 && newton_points <= kChunk, "pof_fast: newton_points must be in [1, ", kChunk,
-              "], got ", newton_points);
+  POF_CHECK(init_step > 0 && max_step > 0, "init_step and max_step must be positive, got ", init_step, " and ",
+            max_step);
+  POF_CHECK(partitions > 0, "partitions must be positive, got ", partitions);
+  POF_CHECK(newton_iterations >= 0, "newton_iterations must be >= 0, got ", newton_iterations);
+  POF_CHECK(newton_points >= 1 && newton_points <= kChunk, "newton_points must be in [1, ", kChunk, "], got ",
+            newton_points);
   return Plan{parse_method(method), init_step, max_step, static_cast<int>(partitions),
               static_cast<int>(newton_iterations), static_cast<int>(newton_points)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cpu(
-    const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
-    double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
-    int64_t newton_points) {
-  const at::Tensor y = check_line_inputs(logits, direction, target);
+std::tuple<Tensor, Tensor, Tensor, Tensor> search_cpu(const Tensor& logits, const Tensor& direction,
+                                                      const Tensor& target, std::string_view method, double init_step,
+                                                      double max_step, int64_t partitions, int64_t ignore_index,
+                                                      int64_t newton_iterations, int64_t newton_points) {
+  const Tensor y = check_line_inputs(logits, direction, target);
   const Plan plan = make_plan(method, init_step, max_step, partitions, newton_iterations, newton_points);
-  const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  const at::Tensor z = logits.contiguous(), d = direction.contiguous();
-  const auto options = logits.options().dtype(acc);
-  at::Tensor step = at::empty({}, options), loss0 = at::empty({}, options), loss = at::empty({}, options);
-  at::Tensor capped = at::empty({}, options.dtype(at::kBool));
-  AT_DISPATCH_FLOATING_TYPES(acc, "pof_fast.search", [&] {
-    cpu::LineScorer<scalar_t> score(z, d, y, ignore_index);
-    const Outcome<scalar_t> out = run_search<scalar_t>(score, plan);
-    step.fill_(out.step);
-    loss0.fill_(out.loss0);
-    loss.fill_(out.loss);
-    capped.fill_(out.capped);
+  const ScalarType acc = accumulation_type(logits.scalar_type());
+  const Tensor z = as_contiguous(logits), d = as_contiguous(direction);
+  Outcome<double> out{};
+  dispatch_accumulation(acc, [&](auto type) {
+    using T = decltype(type);
+    cpu::LineScorer<T> score(z, d, y, ignore_index);
+    const Outcome<T> found = run_search<T>(score, plan);
+    out = {found.step, found.loss0, found.loss, found.capped};
   });
-  return {step, loss0, loss, capped};
+  // 0-dim results filled on creation (one C shim call each); float values round-trip exactly through double.
+  const auto scalar = [&](double value, ScalarType dtype) {
+    return torch::stable::full({}, value, dtype, std::nullopt, logits.device());
+  };
+  return {scalar(out.step, acc), scalar(out.loss0, acc), scalar(out.loss, acc),
+          scalar(out.capped ? 1.0 : 0.0, ScalarType::Bool)};
 }
 
 }  // namespace pof_fast

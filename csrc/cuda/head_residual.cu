@@ -1,11 +1,5 @@
 // CUDA head gradient pieces (SPEC section 2): fused residual rows, g_b + ||g|| + scale on the device,
 // and the direction epilogue reading the scale from device memory. No host synchronisation.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "../common.h"
 #include "reduce.cuh"
 
@@ -21,7 +15,7 @@ constexpr int kNormBlocks = 512;
 
 // residual: one block per row i of z0 [n, C] (row stride C).
 //   1. mx = max_c z_ic   2. s = sum_c exp(z_ic - mx)   3. r_ic = exp(z_ic - mx) / s / max(m, 1) - [c = y_i] / max(m, 1)
-// count: device int64 m (rows not ignored); out: [n, C] in O (the accumulation dtype T, or 16-bit); ignored rows
+// count: device int64 m (rows not ignored, count_kernel); out: [n, C] in O (the accumulation dtype T, or 16-bit); ignored rows
 // are zero, out-of-range labels give a NaN row (no device assert: the launch must not kill the context).
 template <typename Z, typename T, typename O>
 __global__ void residual_kernel(const Z* __restrict__ z, const int64_t* __restrict__ y,
@@ -48,6 +42,13 @@ __global__ void residual_kernel(const Z* __restrict__ z, const int64_t* __restri
   const T f = valid ? inv_m / s : T(NAN);
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
     r[c] = static_cast<O>(fast_exp(static_cast<T>(zr[c]) - mx) * f - (c == label ? inv_m : T(0)));
+}
+
+// *count = m, the rows not ignored (one block).
+__global__ void count_kernel(const int64_t* __restrict__ y, int64_t n, int64_t ignore_index, int64_t* __restrict__ count) {
+  __shared__ int64_t scratch[kWarpSize];
+  const int64_t m = count_rows(y, n, ignore_index, scratch);
+  if (threadIdx.x == 0) *count = m;
 }
 
 // g_b[c] = sum_i R[i, c] in T: one thread per class, rows in order.
@@ -113,76 +114,81 @@ CudaLaunch& cuda_launch() {
   return launch;
 }
 
-at::Tensor head_residual_cuda(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
-                              at::ScalarType out_dtype) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor z = logits.contiguous();
-  const at::Tensor y = target.to(at::kLong).contiguous();
-  const at::Tensor count = y.ne(ignore_index).sum();
-  TORCH_CHECK(out_dtype == z.scalar_type() || out_dtype == accumulation_type(z.scalar_type()),
-              "pof_fast: the residual is stored in the logits' dtype or their accumulation dtype, got ", out_dtype);
-  at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype));
+Tensor head_residual_cuda(const Tensor& logits, const Tensor& target, int64_t ignore_index, ScalarType out_dtype) {
+  const torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
+  const Tensor z = as_contiguous(logits);
+  const Tensor y = as_contiguous(as_dtype(target, ScalarType::Long));
+  STD_TORCH_CHECK(out_dtype == z.scalar_type() || out_dtype == accumulation_type(z.scalar_type()),
+                  "pof_fast: the residual is stored in the logits' dtype or their accumulation dtype, got ", out_dtype);
+  Tensor out = torch::stable::new_empty(z, z.sizes(), out_dtype);
   const int64_t n = z.size(0), C = z.size(1);
   if (n == 0) return out;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.head_residual_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+  const cudaStream_t stream = aten::current_cuda_stream(z.get_device_index());
+  Tensor count = torch::stable::new_empty(y, {}, ScalarType::Long);
+  cuda::count_kernel<<<1, cuda::kThreads, 0, stream>>>(y.const_data_ptr<int64_t>(), n, ignore_index,
+                                                       count.mutable_data_ptr<int64_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_stored(z.scalar_type(), [&](auto stored) {
+    using Z = decltype(stored);
+    using T = cuda::acc_t<Z>;
     const auto launch = [&](auto* o) {
-      cuda::residual_kernel<scalar_t, T><<<static_cast<unsigned>(n), cuda_launch().row_threads, 0, stream>>>(
-          z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), count.data_ptr<int64_t>(), C, ignore_index, o);
+      cuda::residual_kernel<Z, T><<<static_cast<unsigned>(n), cuda_launch().row_threads, 0, stream>>>(
+          z.const_data_ptr<Z>(), y.const_data_ptr<int64_t>(), count.const_data_ptr<int64_t>(), C, ignore_index, o);
     };
     if (out_dtype == z.scalar_type()) {
-      launch(out.data_ptr<scalar_t>());
+      launch(out.mutable_data_ptr<Z>());
     } else {
-      launch(out.data_ptr<T>());
+      launch(out.mutable_data_ptr<T>());
     }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_finish_cuda(const at::Tensor& residual,
-                                                                const at::Tensor& grad_weight, bool with_bias,
-                                                                bool normalized) {
-  const c10::cuda::CUDAGuard guard(residual.device());
-  const at::Tensor R = residual.contiguous(), gw = grad_weight.contiguous();
+std::tuple<Tensor, Tensor, Tensor> grad_finish_cuda(const Tensor& residual, const Tensor& grad_weight, bool with_bias,
+                                                    bool normalized) {
+  const torch::stable::accelerator::DeviceGuard guard(residual.get_device_index());
+  const Tensor R = as_contiguous(residual), gw = as_contiguous(grad_weight);
   const int64_t n = R.size(0), C = R.size(1);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor grad_bias = with_bias ? at::empty({C}, gw.options()) : at::Tensor();
-  at::Tensor norm = at::empty({}, gw.options()), scale = at::empty({}, gw.options());
-  at::Tensor partial = at::empty({cuda::kNormBlocks}, gw.options());
-  AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "pof_fast.grad_finish_cuda", [&] {
-    using T = scalar_t;
+  const cudaStream_t stream = aten::current_cuda_stream(R.get_device_index());
+  Tensor grad_bias = with_bias ? torch::stable::new_empty(gw, {C}) : Tensor();
+  Tensor norm = torch::stable::new_empty(gw, {}), scale = torch::stable::new_empty(gw, {});
+  Tensor partial = torch::stable::new_empty(gw, {cuda::kNormBlocks});
+  dispatch_accumulation(gw.scalar_type(), [&](auto type) {
+    using T = decltype(type);
     if (with_bias) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, R.scalar_type(), "pof_fast.colsum_cuda", [&] {
-        cuda::colsum_kernel<scalar_t, T><<<cuda::blocks_for(C), cuda::kThreads, 0, stream>>>(
-            R.data_ptr<scalar_t>(), n, C, grad_bias.data_ptr<T>());
+      dispatch_stored(R.scalar_type(), [&](auto stored) {
+        using S = decltype(stored);
+        cuda::colsum_kernel<S, T><<<cuda::blocks_for(C), cuda::kThreads, 0, stream>>>(
+            R.const_data_ptr<S>(), n, C, grad_bias.mutable_data_ptr<T>());
       });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
     cuda::sumsq_kernel<T><<<cuda::kNormBlocks, cuda::kThreads, 0, stream>>>(
-        gw.data_ptr<T>(), gw.numel(), with_bias ? grad_bias.data_ptr<T>() : nullptr, with_bias ? C : 0,
-        partial.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cuda::norm_scale_kernel<T><<<1, cuda::kThreads, 0, stream>>>(partial.data_ptr<T>(), cuda::kNormBlocks, normalized,
-                                                                 norm.data_ptr<T>(), scale.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gw.const_data_ptr<T>(), gw.numel(), with_bias ? grad_bias.const_data_ptr<T>() : nullptr, with_bias ? C : 0,
+        partial.mutable_data_ptr<T>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::norm_scale_kernel<T><<<1, cuda::kThreads, 0, stream>>>(partial.const_data_ptr<T>(), cuda::kNormBlocks,
+                                                                 normalized, norm.mutable_data_ptr<T>(),
+                                                                 scale.mutable_data_ptr<T>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_bias, norm, scale};
 }
 
-void direction_epilogue_cuda(at::Tensor& d, const c10::optional<at::Tensor>& grad_bias, const at::Tensor& scale) {
-  const c10::cuda::CUDAGuard guard(d.device());
-  TORCH_CHECK(d.is_contiguous(), "pof_fast: direction logits must be contiguous");
-  const at::Tensor s = scale.to(d.scalar_type()).contiguous();
-  const at::Tensor gb = grad_bias.has_value() ? grad_bias->to(d.scalar_type()).contiguous() : at::Tensor();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "pof_fast.direction_epilogue_cuda", [&] {
-    cuda::direction_epilogue_kernel<scalar_t><<<cuda::blocks_for(d.numel()), cuda::kThreads, 0, stream>>>(
-        d.data_ptr<scalar_t>(), d.numel(), d.size(1), gb.defined() ? gb.data_ptr<scalar_t>() : nullptr,
-        s.data_ptr<scalar_t>());
+void direction_epilogue_cuda(const Tensor& d, const std::optional<Tensor>& grad_bias, const Tensor& scale) {
+  const torch::stable::accelerator::DeviceGuard guard(d.get_device_index());
+  STD_TORCH_CHECK(d.is_contiguous(), "pof_fast: direction logits must be contiguous");
+  const Tensor s = as_contiguous(as_dtype(scale, d.scalar_type()));
+  const Tensor gb = grad_bias.has_value() ? as_contiguous(as_dtype(*grad_bias, d.scalar_type())) : Tensor();
+  const cudaStream_t stream = aten::current_cuda_stream(d.get_device_index());
+  dispatch_accumulation(d.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    cuda::direction_epilogue_kernel<T><<<cuda::blocks_for(d.numel()), cuda::kThreads, 0, stream>>>(
+        d.mutable_data_ptr<T>(), d.numel(), d.size(1), gb.defined() ? gb.const_data_ptr<T>() : nullptr,
+        s.const_data_ptr<T>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace pof_fast

@@ -8,11 +8,6 @@
 // Search: a cooperative launch of co-resident blocks runs the drivers of csrc/search_driver.h in every
 // thread; each scorer call is "partials, grid barrier, every block adds the partials in the same order",
 // so all threads take identical decisions and t*, l(0), l(t*), capped land in device memory.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 
 #include <type_traits>
@@ -134,13 +129,6 @@ __device__ void block_partial(const Z* z, const Dir* d, const int64_t* y, int64_
   }
 }
 
-// Rows not ignored, counted by the whole block (every thread gets m).
-__device__ int64_t count_rows(const int64_t* y, int64_t n, int64_t ignore_index, int64_t* scratch) {
-  int64_t m = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m += y[i] != ignore_index;
-  return block_reduce<int64_t, false>(m, reinterpret_cast<int64_t*>(scratch));
-}
-
 template <int Warps, typename Z, typename Dir, typename T>
 __global__ void __launch_bounds__(Warps * kWarpSize) line_stats_kernel(const Z* __restrict__ z, const Dir* __restrict__ d,
                                                               const int64_t* __restrict__ y, int64_t n, int64_t C,
@@ -225,19 +213,19 @@ __global__ void __launch_bounds__(Warps * kWarpSize) search_kernel(const Z* __re
 
 // d as the kernels read it: a 16-bit d beside 16-bit z0 as it is (no [n, C] fp32 copy), else in the accumulation
 // dtype.
-at::Tensor stored_direction(const at::Tensor& logits, const at::Tensor& direction) {
+Tensor stored_direction(const Tensor& logits, const Tensor& direction) {
   return direction.scalar_type() == logits.scalar_type()
-             ? direction.contiguous()
-             : direction.to(accumulation_type(logits.scalar_type())).contiguous();
+             ? as_contiguous(direction)
+             : as_contiguous(as_dtype(direction, accumulation_type(logits.scalar_type())));
 }
 
 // f(d's data pointer) typed as stored_direction stored it: Z (16-bit beside 16-bit z0) or T.
 template <typename Z, typename T, typename F>
-void with_direction(const at::Tensor& d, F&& f) {
-  if (d.scalar_type() == c10::CppTypeToScalarType<Z>::value) {
-    f(static_cast<const Z*>(d.data_ptr<Z>()));
+void with_direction(const Tensor& d, F&& f) {
+  if (d.scalar_type() == torch::headeronly::CppTypeToScalarType<Z>::value) {
+    f(d.const_data_ptr<Z>());
   } else {
-    f(static_cast<const T*>(d.data_ptr<T>()));
+    f(d.const_data_ptr<T>());
   }
 }
 
@@ -258,97 +246,106 @@ void with_warps(F&& f) {
   f(std::integral_constant<int, kWarps>{});
 }
 
+// The device's SM count (the launches below size their grids by it).
+int multiprocessors(int device) {
+  int count = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 }  // namespace
 }  // namespace cuda
 
-at::Tensor line_stats_cuda(const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target,
-                           const at::Tensor& steps, int64_t ignore_index) {
-  const at::Tensor y = check_line_inputs(logits, direction, target);
+Tensor line_stats_cuda(const Tensor& logits, const Tensor& direction, const Tensor& target, const Tensor& steps,
+                       int64_t ignore_index) {
+  const Tensor y = check_line_inputs(logits, direction, target);
   POF_CHECK_DIM(steps, 1, "steps");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  const at::Tensor z = logits.contiguous(), d = cuda::stored_direction(logits, direction);
-  const at::Tensor t = steps.to(logits.device(), acc).contiguous();
+  const int device = logits.get_device_index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  const ScalarType acc = accumulation_type(logits.scalar_type());
+  const Tensor z = as_contiguous(logits), d = cuda::stored_direction(logits, direction);
+  const Tensor t = as_contiguous(torch::stable::to(steps, acc, std::nullopt, logits.device()));
   const int64_t n = z.size(0), C = z.size(1), K = t.size(0);
-  at::Tensor out = at::empty({3, K}, z.options().dtype(acc));
+  Tensor out = torch::stable::new_empty(z, {3, K}, acc);
   if (K == 0) return out;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.line_stats_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    cuda::with_direction<scalar_t, T>(d, [&](const auto* dp) {
+  const int sms = cuda::multiprocessors(device);
+  const cudaStream_t stream = aten::current_cuda_stream(device);
+  dispatch_stored(z.scalar_type(), [&](auto stored) {
+    using Z = decltype(stored);
+    using T = cuda::acc_t<Z>;
+    cuda::with_direction<Z, T>(d, [&](const auto* dp) {
       using Dir = std::remove_cv_t<std::remove_pointer_t<decltype(dp)>>;
-      cuda::with_warps<scalar_t, Dir>([&](auto warps) {
+      cuda::with_warps<Z, Dir>([&](auto warps) {
         constexpr int Warps = decltype(warps)::value;
         const int blocks = static_cast<int>(std::min<int64_t>((n + Warps - 1) / Warps, 4 * sms));
-        at::Tensor partial = at::empty({blocks, 3, K}, out.options());
-        cuda::line_stats_kernel<Warps, scalar_t><<<blocks, Warps * cuda::kWarpSize, 0, stream>>>(
-            z.data_ptr<scalar_t>(), dp, y.data_ptr<int64_t>(), n, C, ignore_index, t.data_ptr<T>(),
-            static_cast<int>(K), partial.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        Tensor partial = torch::stable::new_empty(out, {blocks, 3, K});
+        cuda::line_stats_kernel<Warps, Z><<<blocks, Warps * cuda::kWarpSize, 0, stream>>>(
+            z.const_data_ptr<Z>(), dp, y.const_data_ptr<int64_t>(), n, C, ignore_index, t.const_data_ptr<T>(),
+            static_cast<int>(K), partial.mutable_data_ptr<T>());
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
         cuda::finalize_kernel<T><<<1, cuda::kFinalThreads, 0, stream>>>(
-            partial.data_ptr<T>(), blocks, static_cast<int>(K), y.data_ptr<int64_t>(), n, ignore_index,
-            out.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            partial.const_data_ptr<T>(), blocks, static_cast<int>(K), y.const_data_ptr<int64_t>(), n, ignore_index,
+            out.mutable_data_ptr<T>());
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_cuda(
-    const at::Tensor& logits, const at::Tensor& direction, const at::Tensor& target, c10::string_view method,
-    double init_step, double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
-    int64_t newton_points) {
-  const at::Tensor y = check_line_inputs(logits, direction, target);
+std::tuple<Tensor, Tensor, Tensor, Tensor> search_cuda(const Tensor& logits, const Tensor& direction,
+                                                       const Tensor& target, std::string_view method, double init_step,
+                                                       double max_step, int64_t partitions, int64_t ignore_index,
+                                                       int64_t newton_iterations, int64_t newton_points) {
+  const Tensor y = check_line_inputs(logits, direction, target);
   const Plan plan = make_plan(method, init_step, max_step, partitions, newton_iterations, newton_points);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  const at::Tensor z = logits.contiguous(), d = cuda::stored_direction(logits, direction);
+  const int device = logits.get_device_index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  const ScalarType acc = accumulation_type(logits.scalar_type());
+  const Tensor z = as_contiguous(logits), d = cuda::stored_direction(logits, direction);
   const int64_t n = z.size(0), C = z.size(1);
-  at::Tensor result = at::empty({3}, z.options().dtype(acc));
-  at::Tensor capped = at::empty({}, z.options().dtype(at::kBool));
-  const int device = logits.device().index();
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  Tensor result = torch::stable::new_empty(z, {3}, acc);
+  Tensor capped = torch::stable::new_empty(z, {}, ScalarType::Bool);
   int cooperative = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pof_fast.search_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    cuda::with_direction<scalar_t, T>(d, [&](const auto* direction_ptr) {
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  const int sms = cuda::multiprocessors(device);
+  const cudaStream_t stream = aten::current_cuda_stream(device);
+  dispatch_stored(z.scalar_type(), [&](auto stored) {
+    using Z = decltype(stored);
+    using T = cuda::acc_t<Z>;
+    cuda::with_direction<Z, T>(d, [&](const auto* direction_ptr) {
       using Dir = std::remove_cv_t<std::remove_pointer_t<decltype(direction_ptr)>>;
-      cuda::with_warps<scalar_t, Dir>([&](auto warps) {
+      cuda::with_warps<Z, Dir>([&](auto warps) {
         constexpr int Warps = decltype(warps)::value;
-        auto kernel = cuda::search_kernel<Warps, scalar_t, Dir, T>;
+        auto kernel = cuda::search_kernel<Warps, Z, Dir, T>;
         int per_sm = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Warps * cuda::kWarpSize, 0));
+        STD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Warps * cuda::kWarpSize, 0));
         // All blocks must be resident at once for the grid barrier; one block when that cannot be promised.
         const int64_t wanted = (n + Warps - 1) / Warps;
         const int blocks =
-            cooperative && per_sm > 0
-                ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * props->multiProcessorCount))
-                : 1;
-        at::Tensor partial = at::empty({2, blocks, 3, kChunk}, result.options());
-        const scalar_t* zp = z.data_ptr<scalar_t>();
+            cooperative && per_sm > 0 ? static_cast<int>(std::min<int64_t>(wanted, int64_t(per_sm) * sms)) : 1;
+        Tensor partial = torch::stable::new_empty(result, {2, blocks, 3, kChunk});
+        const Z* zp = z.const_data_ptr<Z>();
         const Dir* dp = direction_ptr;
-        const int64_t* yp = y.data_ptr<int64_t>();
-        T* pp = partial.data_ptr<T>();
-        T* rp = result.data_ptr<T>();
-        bool* cp = capped.data_ptr<bool>();
+        const int64_t* yp = y.const_data_ptr<int64_t>();
+        T* pp = partial.mutable_data_ptr<T>();
+        T* rp = result.mutable_data_ptr<T>();
+        bool* cp = capped.mutable_data_ptr<bool>();
         int64_t rows = n, classes = C, ignore = ignore_index;
         Plan p = plan;
         void* args[] = {&zp, &dp, &yp, &rows, &classes, &ignore, &p, &pp, &rp, &cp};
         if (blocks > 1) {
-          C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
+          STD_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks),
                                                      dim3(Warps * cuda::kWarpSize), args, 0, stream));
         } else {
           kernel<<<1, Warps * cuda::kWarpSize, 0, stream>>>(zp, dp, yp, rows, classes, ignore, p, pp, rp, cp);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          STD_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
     });
   });
-  return {result[0], result[1], result[2], capped};
+  return {torch::stable::select(result, 0, 0), torch::stable::select(result, 0, 1), torch::stable::select(result, 0, 2),
+          capped};
 }
 
 }  // namespace pof_fast

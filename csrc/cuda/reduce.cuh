@@ -4,12 +4,18 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 namespace pof_fast {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
+
+// The accumulation type of a stored type: double for double, float for float, Half and BFloat16.
+template <typename Z>
+using acc_t = std::conditional_t<std::is_same_v<Z, double>, double, float>;
 
 template <typename T>
 __device__ __forceinline__ T fast_exp(T x);
@@ -46,6 +52,13 @@ __device__ __forceinline__ T block_reduce(T v, T* scratch) {
   }
   __syncthreads();
   return scratch[0];
+}
+
+// Rows not ignored, counted by the whole block (every thread gets m).
+__device__ __forceinline__ int64_t count_rows(const int64_t* y, int64_t n, int64_t ignore_index, int64_t* scratch) {
+  int64_t m = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m += y[i] != ignore_index;
+  return block_reduce<int64_t, false>(m, scratch);
 }
 
 }  // namespace cuda
