@@ -1,26 +1,47 @@
 """The only module that imports the compiled extension ``pof_fast._C``.
 
+``pof_fast._C`` is built on the LibTorch stable ABI (csrc/torch_calls.h): one binary loads in every torch from its
+ABI target on. Its build line (the torch it was compiled against, that target, CUDA) is read from the module, or,
+when it cannot load, from the file itself, so that the failure names the torch it was built for.
+
 The import is tried once, on first use; a failure is kept (``reason()``) and reported with one
-warning, and every caller falls back to the ``"torch"`` backend. A successful import registers
+warning, and every caller falls back to the ``"torch"`` backend; with ``POF_FAST_REQUIRE_EXT=1`` in the
+environment it raises :class:`Required` instead, in any process. A successful import registers
 ``torch.ops.pof_fast.*`` and, here, their fake kernels so that ``torch.compile`` can trace them.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import warnings
+from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 from ._types import HALF_DTYPES, empty_search_tensors, gram_cheaper
 from ._types import accumulation_dtype as _accumulation
 
-__all__ = ["available", "reason", "cuda_compiled", "compiled_ops", "ops"]
+__all__ = ["REQUIRE_ENV", "Required", "available", "reason", "build", "describe", "cuda_compiled", "compiled_ops",
+           "ops"]
+
+REQUIRE_ENV = "POF_FAST_REQUIRE_EXT"
+# csrc/bindings.cpp kBuild: "pof_fast._C build: torch=2.13.0; abi=2.10; cuda=none;" (cuda: CUDA_VERSION, e.g. 13000).
+_BUILD_PREFIX = "pof_fast._C build: "
 
 _module: Optional[ModuleType] = None
 _error: Optional[BaseException] = None
 _tried = False
+
+
+class Required(ImportError):
+    """``POF_FAST_REQUIRE_EXT=1`` and ``pof_fast._C`` cannot load: raised at first use instead of falling back."""
+
+
+def _required() -> bool:
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _register_fakes() -> None:
@@ -63,6 +84,27 @@ def _register_fakes() -> None:
         return tuple(empty_search_tensors(features, weight, bias))
 
 
+def _parse_build(line: str) -> Dict[str, str]:
+    """``{"torch": ..., "abi": ..., "cuda": ...}`` from a build line."""
+    fields = (item.split("=", 1) for item in line[len(_BUILD_PREFIX):].split(";") if "=" in item)
+    return {key.strip(): value.strip() for key, value in fields}
+
+
+def _file_build() -> Optional[Dict[str, str]]:
+    """The build line compiled into the ``pof_fast._C`` file on the path (a module that cannot load cannot be asked),
+    or None when there is no such file or it has none (not built, or built before the stable ABI)."""
+    try:
+        spec = importlib.util.find_spec("pof_fast._C")
+        data = Path(spec.origin).read_bytes() if spec is not None and spec.origin else b""
+    except (ImportError, OSError, ValueError):
+        return None
+    start = data.find(_BUILD_PREFIX.encode())
+    if start < 0:
+        return None
+    end = data.find(b"\0", start)
+    return _parse_build(data[start:end if end > 0 else None].decode("ascii", "replace"))
+
+
 def _load() -> Optional[ModuleType]:
     global _module, _error, _tried
     if not _tried:
@@ -71,29 +113,61 @@ def _load() -> Optional[ModuleType]:
             module = importlib.import_module("pof_fast._C")
             _register_fakes()
             _module = module
-        except Exception as exc:  # not built, built for another torch, missing libraries, ...
+        except Exception as exc:  # not built, a torch older than its ABI target, missing libraries, ...
             _error = exc
-            warnings.warn(
-                f"pof_fast: compiled extension unavailable ({reason()}); using the 'torch' backend. "
-                "Build it with `pip install --no-build-isolation .`.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if not _required():
+                warnings.warn(f"{_why()}; using the 'torch' backend ({_fix()})", RuntimeWarning, stacklevel=3)
+    if _error is not None and _required():
+        raise Required(f"{REQUIRE_ENV}=1 and {_why()}") from _error
     return _module
 
 
+def _why() -> str:
+    """The failure kept by _load, as one sentence."""
+    first = str(_error).splitlines()[0] if str(_error) else ""
+    error = f"{type(_error).__name__}: {first}"
+    if isinstance(_error, ModuleNotFoundError) and _error.name == "pof_fast._C":
+        return f"pof_fast._C is not built ({error})"
+    build = _file_build()
+    if build is None:
+        return f"pof_fast._C cannot load in torch {torch.__version__}: {error}"
+    return (f"pof_fast._C was built against torch {build.get('torch', '?')} (stable ABI, supports torch >= "
+            f"{build.get('abi', '?')}); it cannot load in torch {torch.__version__}: {error}")
+
+
+def _fix() -> str:
+    build = "build it with `pip install --no-build-isolation .`"
+    if isinstance(_error, ModuleNotFoundError):
+        return build
+    return f"use a torch it supports, or {build} under this one; {REQUIRE_ENV}=1 makes this an error"
+
+
 def available() -> bool:
-    """Whether ``pof_fast._C`` imported (tries once)."""
+    """Whether ``pof_fast._C`` imported (tries once; raises :class:`Required` under ``POF_FAST_REQUIRE_EXT=1``)."""
     return _load() is not None
 
 
 def reason() -> str:
     """Why the extension is unavailable ('' when it is available)."""
-    _load()
-    if _error is None:
-        return ""
-    first = str(_error).splitlines()[0] if str(_error) else ""
-    return f"{type(_error).__name__}: {first}"
+    return "" if available() else _why()
+
+
+def build() -> Dict[str, str]:
+    """The loaded extension's build line: ``torch`` (the torch it was compiled against), ``abi`` (its stable-ABI
+    target: the oldest torch it loads in), ``cuda`` (the CUDA_VERSION of its kernels, e.g. 13000, or ``none``)."""
+    return _parse_build(_loaded().build)
+
+
+def describe() -> str:
+    """One line on the compiled extension: what it was built for, or why it is not there (``backends()``, ``pof-fast
+    bench``)."""
+    if not available():
+        return _why()
+    info = build()
+    cuda = info.get("cuda", "none")
+    kernels = "CPU kernels" if cuda == "none" else f"CPU and CUDA {int(cuda) // 1000}.{int(cuda) % 1000 // 10} kernels"
+    return (f"pof_fast._C built against torch {info.get('torch', '?')}, stable ABI: loads in torch >= "
+            f"{info.get('abi', '?')}; {kernels}")
 
 
 def cuda_compiled() -> bool:
@@ -125,8 +199,14 @@ def compiled_ops() -> str:
     return "CPU+CUDA" if cuda_compiled() else "CPU"
 
 
-def ops():
-    """``torch.ops.pof_fast``, after loading the extension (raises if it is unavailable)."""
+def _loaded() -> ModuleType:
+    """The extension module (raises if it is unavailable)."""
     if not available():
         raise RuntimeError(f"pof_fast._C is unavailable: {reason()}")
+    return _module
+
+
+def ops():
+    """``torch.ops.pof_fast``, after loading the extension (raises if it is unavailable)."""
+    _loaded()
     return torch.ops.pof_fast

@@ -5,7 +5,8 @@ tensors' device. A backend that cannot load (no extension, no Triton, no GPU) is
 one-line warning and the call goes to ``"torch"``; so is one whose kernels cannot be built for this
 device (it raises :class:`~pof_fast.backends.base.BackendUnavailable` on first use). Every other
 error of a backend that loaded (out of memory, bad input) is raised as it is and disables nothing.
-Nothing here imports Triton or the compiled extension until a backend is asked for.
+Nothing here imports Triton or the compiled extension until a backend is asked for. With
+``POF_FAST_REQUIRE_EXT=1`` an extension that cannot load is an error (:class:`pof_fast._ext.Required`), not a fallback.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Callable, Dict, TypeVar, Union
 
 import torch
 
+from . import _ext
 from .backends.base import Backend, BackendUnavailable
 
-__all__ = ["PREFERENCE", "REGISTRY", "backends", "load", "resolve", "run", "check_backend"]
+__all__ = ["PREFERENCE", "REGISTRY", "BackendReport", "backends", "load", "resolve", "run", "check_backend"]
 
 # Fastest first, per device type.
 # On the CPU, Triton is chosen only where the caller set TRITON_INTERPRET=1 (see its handles()).
@@ -43,14 +45,31 @@ def load(name: str) -> Union[Backend, str]:
             backend = getattr(importlib.import_module(module), cls)()
             status = backend.status()
             _loaded[name] = backend if status is True else str(status)
+        except _ext.Required:  # POF_FAST_REQUIRE_EXT=1: the caller asked for this to fail
+            raise
         except Exception as exc:  # a broken optional backend must never break the package
             _loaded[name] = f"failed to load: {type(exc).__name__}: {exc}"
     return _loaded[name]
 
 
-def backends() -> Dict[str, Union[bool, str]]:
-    """``{name: True or the reason it is unavailable}`` for every known backend."""
-    return {name: (True if isinstance(load(name), Backend) else load(name)) for name in REGISTRY}
+class BackendReport(dict):
+    """``{name: True or the reason it is unavailable}`` for every known backend, and ``extension``: one line on the
+    compiled extension (the torch it was built against and its stable-ABI target, the oldest torch it loads in, or
+    why it is not there), printed after the statuses."""
+
+    def __init__(self, statuses: Dict[str, Union[bool, str]], extension: str):
+        super().__init__(statuses)
+        self.extension = extension
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()} ({self.extension})"
+
+
+def backends() -> BackendReport:
+    """``{name: True or the reason it is unavailable}`` for every known backend; ``.extension`` says what
+    ``pof_fast._C`` is."""
+    statuses = {name: (True if isinstance(load(name), Backend) else load(name)) for name in REGISTRY}
+    return BackendReport(statuses, _ext.describe())
 
 
 def warn_once(key: str, message: str) -> None:

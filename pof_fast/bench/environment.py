@@ -33,13 +33,15 @@ def _cpu_name() -> str:
 
 
 def environment(device: str) -> Dict[str, Any]:
-    """Date, command, Python, platform, torch/Triton versions, CPU, threads, load, backends (and the GPU)."""
+    """Date, command, Python, platform, torch/Triton versions, CPU, threads, load, backends, the compiled
+    extension's build and ABI target (and the GPU)."""
+    report = dispatch.backends()
     env = dict(date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()), command=" ".join(sys.argv),
                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
                triton=_version("triton"), cpu=_cpu_name(), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads(),
                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-               backends={k: (v if v is True else str(v)) for k, v in dispatch.backends().items()})
+               backends={k: (v if v is True else str(v)) for k, v in report.items()}, extension=report.extension)
     if device == "cuda":
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return env

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .. import dispatch
 from ..bench.cases import CASES
 
 __all__ = ["add_arguments", "main", "register"]
@@ -35,6 +36,7 @@ def _command(args: argparse.Namespace) -> int:
         raise SystemExit("pof-fast bench: --device cuda but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(dispatch.backends().extension)
     suite.run(args.device, cases, args.quick, args.json, args.plot, log=print)
     return 0
 
