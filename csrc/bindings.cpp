@@ -12,11 +12,11 @@
 
 // What this binary is, read by pof_fast/_ext.py: from the module when it loads, from the file's bytes when it cannot
 // (so a wheel installed under the wrong torch still says which torch it was built against). TORCH_VERSION: the
-// torch whose headers compiled it; abi: the oldest torch it loads in (TORCH_TARGET_VERSION); cuda: CUDA_VERSION.
+// torch whose headers compiled it; abi: the oldest torch it loads in (TORCH_TARGET_VERSION); cuda: CUDART_VERSION.
 #define POF_FAST_STR_(x) #x
 #define POF_FAST_STR(x) POF_FAST_STR_(x)
 #ifdef POF_FAST_WITH_CUDA
-#define POF_FAST_CUDA_BUILD POF_FAST_STR(CUDA_VERSION)
+#define POF_FAST_CUDA_BUILD POF_FAST_STR(CUDART_VERSION)
 #else
 #define POF_FAST_CUDA_BUILD "none"
 #endif
@@ -27,7 +27,9 @@ static_assert(TORCH_TARGET_VERSION == ((0ULL + POF_FAST_ABI_MAJOR) << 56 | (0ULL
 
 #ifdef __libc_single_threaded
 // csrc/glibc_compat.h: the "no threads" flag libstdc++ reads, never set (as in any process with threads).
-extern "C" char __libc_single_threaded = 0;
+extern "C" {
+char __libc_single_threaded = 0;
+}
 #endif
 
 STABLE_TORCH_LIBRARY(pof_fast, m) {

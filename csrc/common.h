@@ -48,7 +48,9 @@ inline bool is_float(ScalarType t) {
 }
 
 // float64 stays float64; every other float dtype accumulates in float32 (as pof_fast.reference).
-inline ScalarType accumulation_type(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
+inline ScalarType accumulation_type(ScalarType t) {
+  return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
 
 inline bool is_16bit(const Tensor& t) {
   return t.scalar_type() == ScalarType::Half || t.scalar_type() == ScalarType::BFloat16;
@@ -93,20 +95,22 @@ inline bool stores_16bit_lines(const Tensor& features, int64_t classes) {
 Tensor check_line_inputs(const Tensor& logits, const Tensor& direction, const Tensor& target);
 
 // Ops, CPU implementations (csrc/*.cpp).
-Tensor line_stats_cpu(const Tensor& logits, const Tensor& direction, const Tensor& target, const Tensor& steps, int64_t ignore_index);
+Tensor line_stats_cpu(const Tensor& logits, const Tensor& direction, const Tensor& target, const Tensor& steps,
+                      int64_t ignore_index);
 // R in out_dtype: the accumulation dtype, or the 16-bit dtype of the logits (stores_16bit_lines).
 Tensor head_residual_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index, ScalarType out_dtype);
-std::tuple<Tensor, Tensor, Tensor, Tensor> search_cpu(const Tensor& logits, const Tensor& direction, const Tensor& target,
-                                                      std::string_view method, double init_step, double max_step,
-                                                      int64_t partitions, int64_t ignore_index,
+std::tuple<Tensor, Tensor, Tensor, Tensor> search_cpu(const Tensor& logits, const Tensor& direction,
+                                                      const Tensor& target, std::string_view method, double init_step,
+                                                      double max_step, int64_t partitions, int64_t ignore_index,
                                                       int64_t newton_iterations, int64_t newton_points);
 
 // Device-independent composites (csrc/head_residual.cpp): matrix products through ATen, the rest fused.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_gradient(const Tensor& features, const Tensor& weight,
-                                                                         const std::optional<Tensor>& bias, const Tensor& target,
-                                                                         int64_t ignore_index, bool normalized);
-Tensor direction_logits(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias, const Tensor& scale,
-                        const std::optional<Tensor>& residual);
+                                                                         const std::optional<Tensor>& bias,
+                                                                         const Tensor& target, int64_t ignore_index,
+                                                                         bool normalized);
+Tensor direction_logits(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
+                        const Tensor& scale, const std::optional<Tensor>& residual);
 // d = h u_W^T + u_b as a 16-bit [n, C] array (stores_16bit_lines). grad_weight and grad_bias (fp32 g; grad_bias
 // nullopt without a bias) become u = scale g rounded to the features' dtype, in place, and d is formed from the
 // values they then hold.
@@ -116,9 +120,9 @@ Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight,
 // The whole search (csrc/line_search.cpp): step, u_W, u_b ([0] without bias), ||g||, l(0), l(t*), capped, ||u||
 // (pof_fast._types.SearchTensors).
 using SearchTensors = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-SearchTensors line_search(const Tensor& features, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
-                          std::string_view method, bool normalized, double init_step, double max_step,
-                          int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
+SearchTensors line_search(const Tensor& features, const Tensor& weight, const std::optional<Tensor>& bias,
+                          const Tensor& target, std::string_view method, bool normalized, double init_step,
+                          double max_step, int64_t partitions, int64_t ignore_index, int64_t newton_iterations,
                           int64_t newton_points, std::optional<bool> logits_free);
 
 #ifdef POF_FAST_WITH_CUDA
@@ -131,10 +135,11 @@ struct CudaLaunch {
 CudaLaunch& cuda_launch();
 
 // CUDA ops and pieces (csrc/cuda/*.cu).
-Tensor line_stats_cuda(const Tensor& logits, const Tensor& direction, const Tensor& target, const Tensor& steps, int64_t ignore_index);
-std::tuple<Tensor, Tensor, Tensor, Tensor> search_cuda(const Tensor& logits, const Tensor& direction, const Tensor& target,
-                                                       std::string_view method, double init_step, double max_step,
-                                                       int64_t partitions, int64_t ignore_index,
+Tensor line_stats_cuda(const Tensor& logits, const Tensor& direction, const Tensor& target, const Tensor& steps,
+                       int64_t ignore_index);
+std::tuple<Tensor, Tensor, Tensor, Tensor> search_cuda(const Tensor& logits, const Tensor& direction,
+                                                       const Tensor& target, std::string_view method, double init_step,
+                                                       double max_step, int64_t partitions, int64_t ignore_index,
                                                        int64_t newton_iterations, int64_t newton_points);
 Tensor head_residual_cuda(const Tensor& logits, const Tensor& target, int64_t ignore_index, ScalarType out_dtype);
 // (g_b or undefined, ||g||, scale) in g_W's dtype from residual (any float dtype) and g_W, all on the device, no

@@ -14,6 +14,7 @@ SearchTensors line_search(const Tensor& features, const Tensor& weight, const st
   auto [logits, residual, grad_weight, grad_bias, grad_norm, scale] =
       head_gradient(features, weight, bias, target, ignore_index, normalized);
   const bool with_bias = bias.has_value() && bias->defined();
+  const std::optional<Tensor> bias_direction = with_bias ? std::optional<Tensor>(grad_bias) : std::nullopt;
   // 2. d = h u_W^T + u_b, and u = scale * g in place (g is ours).
   Tensor direction;
   if (stores_16bit_lines(features, weight.size(0))) {
@@ -21,11 +22,9 @@ SearchTensors line_search(const Tensor& features, const Tensor& weight, const st
     // input dtype in place and d formed from it: the line searched is the line returned (||g|| and the scale stay
     // those of the fp32 g).
     residual = Tensor();
-    direction = direction_logits_16bit(features, grad_weight, with_bias ? std::optional<Tensor>(grad_bias) : std::nullopt,
-                                       scale);
+    direction = direction_logits_16bit(features, grad_weight, bias_direction, scale);
   } else {
-    direction = direction_logits(features, grad_weight, with_bias ? std::optional<Tensor>(grad_bias) : std::nullopt,
-                                 scale, residual);
+    direction = direction_logits(features, grad_weight, bias_direction, scale, residual);
     aten::mul_(grad_weight, scale);
     aten::mul_(grad_bias, scale);
   }

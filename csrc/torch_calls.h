@@ -128,6 +128,8 @@ inline cudaStream_t current_cuda_stream(int32_t device_index) {
 
 // The stable conversions, skipped (no dispatcher round trip) when they would return the tensor itself.
 inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
-inline Tensor as_dtype(const Tensor& t, ScalarType dtype) { return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype); }
+inline Tensor as_dtype(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+}
 
 }  // namespace pof_fast

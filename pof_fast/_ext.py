@@ -28,7 +28,7 @@ __all__ = ["REQUIRE_ENV", "Required", "available", "reason", "build", "describe"
            "ops"]
 
 REQUIRE_ENV = "POF_FAST_REQUIRE_EXT"
-# csrc/bindings.cpp kBuild: "pof_fast._C build: torch=2.13.0; abi=2.10; cuda=none;" (cuda: CUDA_VERSION, e.g. 13000).
+# csrc/bindings.cpp kBuild: "pof_fast._C build: torch=2.13.0; abi=2.10; cuda=none;" (cuda: CUDART_VERSION, e.g. 13000).
 _BUILD_PREFIX = "pof_fast._C build: "
 
 _module: Optional[ModuleType] = None
@@ -154,7 +154,8 @@ def reason() -> str:
 
 def build() -> Dict[str, str]:
     """The loaded extension's build line: ``torch`` (the torch it was compiled against), ``abi`` (its stable-ABI
-    target: the oldest torch it loads in), ``cuda`` (the CUDA_VERSION of its kernels, e.g. 13000, or ``none``)."""
+    target: the oldest torch it loads in), ``cuda`` (the CUDA runtime version of its kernels, e.g. 13000, or
+    ``none``)."""
     return _parse_build(_loaded().build)
 
 

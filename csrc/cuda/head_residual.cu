@@ -15,8 +15,8 @@ constexpr int kNormBlocks = 512;
 
 // residual: one block per row i of z0 [n, C] (row stride C).
 //   1. mx = max_c z_ic   2. s = sum_c exp(z_ic - mx)   3. r_ic = exp(z_ic - mx) / s / max(m, 1) - [c = y_i] / max(m, 1)
-// count: device int64 m (rows not ignored, count_kernel); out: [n, C] in O (the accumulation dtype T, or 16-bit); ignored rows
-// are zero, out-of-range labels give a NaN row (no device assert: the launch must not kill the context).
+// count: device int64 m (rows not ignored, count_kernel); out: [n, C] in O (the accumulation dtype T, or 16-bit);
+// ignored rows are zero, out-of-range labels give a NaN row (no device assert: the launch must not kill the context).
 template <typename Z, typename T, typename O>
 __global__ void residual_kernel(const Z* __restrict__ z, const int64_t* __restrict__ y,
                                 const int64_t* __restrict__ count, int64_t C, int64_t ignore_index,
@@ -45,7 +45,8 @@ __global__ void residual_kernel(const Z* __restrict__ z, const int64_t* __restri
 }
 
 // *count = m, the rows not ignored (one block).
-__global__ void count_kernel(const int64_t* __restrict__ y, int64_t n, int64_t ignore_index, int64_t* __restrict__ count) {
+__global__ void count_kernel(const int64_t* __restrict__ y, int64_t n, int64_t ignore_index,
+                             int64_t* __restrict__ count) {
   __shared__ int64_t scratch[kWarpSize];
   const int64_t m = count_rows(y, n, ignore_index, scratch);
   if (threadIdx.x == 0) *count = m;
