@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile and link the CUDA build of pof_fast._C (no GPU needed, nothing runs), so that a broken
-# csrc/cuda/*.cu file fails CI on machines without a GPU.
+# csrc/cuda/*.cu file fails CI on machines without a GPU. It is built the way every build is: on the LibTorch
+# stable ABI (TORCH_TARGET_VERSION 2.10) and Python's limited API, and checked to import no C++ symbol of torch.
 #
 # A second venv gets the CUDA build of torch from the local package index (torch==2.14.1, ~5.5 GB,
 # installed from local disk); its nvidia/cu13/include provides the CUDA library headers (cusparse,
@@ -22,7 +23,7 @@ start=$SECONDS
 
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet torch==2.14.1 ninja pybind11 setuptools wheel numpy
+  "$VENV/bin/pip" install --quiet torch==2.14.1 ninja setuptools wheel numpy
 fi
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 CU_INCLUDE="$SITE/nvidia/cu13/include"
@@ -37,12 +38,19 @@ cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/csrc" "$ROOT/pof_fast" "$RO
 find "$WORK/pof_fast" -name '*.so' -delete
 cd "$WORK"
 "$VENV/bin/python" setup.py build_ext --inplace
-SO="$(ls pof_fast/_C*.so)"
+SO=pof_fast/_C.abi3.so
+# Stable ABI: torch is reached through its C shims only; a mangled c10::/at::/torch:: symbol would tie the binary to
+# this torch.
+if nm -D --undefined-only "$SO" | grep -E ' _ZN[KRO]*(3c10|2at|5torch)'; then
+  echo "ext-cuda-compile: $SO imports C++ symbols of torch (above): not on the stable ABI" >&2
+  exit 1
+fi
 # Linked: the module loads (every symbol resolves; no GPU is needed to load it) with CUDA kernels registered.
 "$VENV/bin/python" - <<'PY'
 import torch
 import pof_fast._C as ext
 assert ext.cuda, "pof_fast._C was built without its CUDA kernels"
+assert "; abi=2.10; cuda=13" in ext.build, ext.build
 for op in ("line_stats", "head_gradient", "direction_logits", "search"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pof_fast::{op}", "CUDA"), f"no CUDA kernel for {op}"
 # The launch settings of benchmarks/sweep.py (host state only: no GPU needed).
