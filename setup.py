@@ -16,6 +16,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The source tree's kernels/ folder (shipped as pof_fast.kernels) must not shadow an installed top-level `kernels`:
+# Hugging Face's `kernels` package (a Transformers dependency) registers a setuptools egg_info writer that imports
+# it while this build runs, and `python setup.py` puts this folder first on sys.path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 # CUDA 13 supports sm_75 and newer; PTX of the newest lets later GPUs JIT-compile the kernels.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
