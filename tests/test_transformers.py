@@ -164,8 +164,18 @@ def test_trainer_perturbs_once_per_optimizer_step_and_restores_theta0(tmp_path, 
     assert all(entry["pof/loss"] <= entry["pof/loss0"] for entry in logged)
 
 
-def test_trainer_builds_pof_from_optimizer_cls_and_kwargs(tmp_path):
+def test_trainer_takes_pof_with_a_scheduler_of_its_own(tmp_path):
     model = tiny_lm(tied=True)
+    pof = pof_for(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(pof, lambda step: 0.5 ** (step + 1))
+    Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=Examples(), data_collator=collate,
+            optimizers=(pof, scheduler), callbacks=[PoFCallback()]).train()
+    assert pof.summary()["perturbations"] == 2
+    assert pof.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)  # stepped by Trainer after each step
+
+
+def test_trainer_builds_pof_from_optimizer_cls_and_kwargs(tmp_path):
+    model = tiny_lm("qwen2", tied=True)  # Qwen2.5-0.5B-style: a tied head
     head = untie_lm_head(model)
     kwargs = {"base_optimizer": torch.optim.AdamW, "head": head, "seed": 0}
     trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=Examples(),

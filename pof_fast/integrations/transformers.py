@@ -12,6 +12,7 @@ nothing else shares): :func:`check_lm_head`. :func:`untie_lm_head` gives a tied 
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -135,7 +136,11 @@ def _decoder_inputs(decoder: nn.Module) -> tuple[frozenset, bool]:
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
+    """``value``'s tensors on ``device``; to a GPU through pinned memory, so that the copy does not wait for the
+    kernels already queued (a copy from pageable memory would)."""
     if isinstance(value, Tensor):
+        if device.type == "cuda" and value.device.type == "cpu":
+            value = value.pin_memory()
         return value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
         return {k: _to_device(v, device) for k, v in value.items()}
@@ -146,9 +151,11 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 def _mixed_precision() -> ContextManager:
     """The autocast of Trainer's training forward (Accelerate's mixed precision), for the search forward."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import get_mixed_precision_context_manager
 
+    if not is_initialized():  # no Trainer has set Accelerate up: no mixed precision to follow
+        return nullcontext()
     state = AcceleratorState()
     return get_mixed_precision_context_manager(native_amp=state.mixed_precision in ("fp16", "bf16", "fp8"))
 
