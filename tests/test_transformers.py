@@ -334,3 +334,18 @@ def test_trl_sft_trainer_searches_on_completion_only_labels(tmp_path):
         assert target.shape == (4, 11)
         assert (target[:, :5] == -100).all() and (target[:, 5:9] >= 3).all()
         assert (target[:, 9] == 1).all() and (target[:, 10] == -100).all()  # eos counted, nothing after it
+
+
+@pytest.mark.cuda
+def test_trainer_fp16_on_a_gpu_keeps_theta0_after_taken_and_skipped_steps(tmp_path):
+    """fp16 mixed precision: Accelerate's GradScaler skips the first steps (inf gradients at its initial scale);
+    the head is theta0 after every step, taken or skipped, and perturbed in every training forward."""
+    model = tiny_lm(tied=True).cuda()
+    pof = pof_for(model)
+    watch = HeadWatch(model, pof)
+    trainer = Trainer(model=model, args=arguments(tmp_path, fp16=True, use_cpu=False, max_steps=6),
+                      train_dataset=Examples(), data_collator=collate, optimizers=(pof, None),
+                      callbacks=[PoFCallback(), watch])
+    trainer.train()
+    assert pof.summary()["perturbations"] == 6 and watch.after_steps == [True] * 6
+    assert not any(theta0 for grad, theta0 in watch.forwards if grad)
