@@ -20,6 +20,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The source tree's kernels/ folder (shipped as pof_fast.kernels) must not shadow an installed top-level `kernels`:
+# Hugging Face's `kernels` package (a Transformers dependency) registers a setuptools egg_info writer that imports
+# it while this build runs, and `python setup.py` puts this folder first on sys.path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 # The oldest torch the compiled extension loads in: its stable ABI is all the C++ sources may use.
 STABLE_ABI_TARGET = (2, 10)
 # The oldest CPython the extension module loads in (Python's limited API; the wheel's abi3 tag).

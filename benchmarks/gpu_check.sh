@@ -8,9 +8,9 @@
 # compiles (they do not use it), the rest once it is built; then the CPU suites that load the fresh build.
 # The A-C benchmark also times each backend's search as a CUDA graph replay; the last stage sweeps the Triton
 # kernels' block sizes and the CUDA kernels' launch settings (benchmarks/sweep.py). STEP=0 skips the step
-# benchmark, SWEEP=0 the sweep.
-# Worst case 11.75 minutes (the stage limits); on an H200 the whole script took about 6 before the floor
-# and graph rows, the split test stages and the sweep.
+# benchmark, LM=0 the language-model stages, SWEEP=0 the sweep.
+# Worst case 13.75 minutes (the stage limits; SWEEP=0 LM=0: 10.25); on an H200 the whole script took about 6 before
+# the floor and graph rows, the split test stages, the language-model stages and the sweep.
 set -u
 OUT=${OUT:?set OUT to the folder whose files come back}
 mkdir -p "$OUT"
@@ -66,6 +66,19 @@ stage accuracy 40 "$OUT/bench_d.txt" $PY benchmarks/accuracy_16bit.py --backend 
 
 if [ "${STEP:-1}" != 0 ]; then
   stage step 60 "$OUT/env.txt" $PY benchmarks/step.py --device cuda --model wrn-28-10
+fi
+# Language models: a D-shaped LM-head search against that head's fwd+bwd (time, memory in 16-bit [n, C] arrays),
+# and a Trainer step of a random Llama with a 128256 vocabulary in bf16, with and without PoF, with the split
+# (the step only where Transformers is installed: find_spec, since importing it from the root would meet kernels/).
+if [ "${LM:-1}" != 0 ]; then
+  stage lm_head 45 "$OUT/env.txt" $PY benchmarks/lm_head.py --device cuda --tokens 4096 --dim 4096 --classes 128256 \
+    --budget 3
+  if $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('transformers') is None)"; then
+    stage lm_step 75 "$OUT/env.txt" $PY benchmarks/lm_step.py --device cuda --vocab 128256 --hidden 2048 --layers 4 \
+      --seq 1024 --batch 4 --bf16
+  else
+    echo "lm_step: transformers is not installed here" >> "$OUT/env.txt"
+  fi
 fi
 # Block-size sweep of the Triton kernels and launch-setting sweep of the CUDA ones (its table goes to bench_d.txt:
 # $OUT brings back 8 files at most).

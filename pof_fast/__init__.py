@@ -3,6 +3,7 @@
 ``import pof_fast`` loads only Python modules: Triton and the compiled extension load lazily,
 on the first call that needs them.
 """
+from .causal_lm import causal_lm_rows
 from .dispatch import backends
 from .graph import CapturedSearch
 from .models import split_model
@@ -12,5 +13,5 @@ from .search import LineSearchResult, line_losses, line_search
 
 __version__ = "0.1.0"
 
-__all__ = ["PoF", "PoFStats", "LineSearchResult", "CapturedSearch", "backends", "frozen_norm_stats", "line_losses",
-           "line_search", "split_model", "__version__"]
+__all__ = ["PoF", "PoFStats", "LineSearchResult", "CapturedSearch", "backends", "causal_lm_rows", "frozen_norm_stats",
+           "line_losses", "line_search", "split_model", "__version__"]

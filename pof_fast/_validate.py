@@ -25,17 +25,29 @@ def tensor(name: str, value: object, ndim: int) -> Tensor:
     return value
 
 
-def target_tensor(target: object, rows: int) -> Tensor:
-    """``target`` must be an integer tensor of shape ``[rows]`` with ``rows > 0``."""
+def row_features(name: str, value: object) -> Tensor:
+    """``value`` must be a float tensor ``[..., D]`` of rank >= 2 (rows over its leading dimensions)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() < 2:
+        raise ValueError(f"{name} must have shape [n, D] or [..., D] (rows over the leading dimensions), "
+                         f"got shape {tuple(value.shape)}")
+    return tensor(name, value, value.dim())
+
+
+def target_tensor(target: object, rows: "int | tuple[int, ...]") -> Tensor:
+    """``target`` must be an integer tensor of shape ``[rows]`` (or the given leading shape) with no zero size;
+    returned as int64 ``[prod(shape)]``, a view where the layout allows."""
+    shape = (rows,) if isinstance(rows, int) else tuple(rows)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor (int64 class indices), got {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != rows:
-        raise ValueError(f"target must have shape [{rows}] (one label per row), got {tuple(target.shape)}")
-    if rows == 0:
+    if tuple(target.shape) != shape:
+        raise ValueError(f"target must have shape {list(shape)} (one label per row), got {tuple(target.shape)}")
+    if target.numel() == 0:
         raise ValueError("the batch is empty: features/logits and target have 0 rows")
-    return target.long()
+    return target.reshape(-1).long()
 
 
 def same_device(**tensors: Optional[Tensor]) -> torch.device:

@@ -41,6 +41,15 @@ class GammaSampler:
         self.counter.add_(1)
         return bits.double() * (gamma / 2.0**32)
 
+    def agree(self, group: "torch.distributed.ProcessGroup") -> None:
+        """Take rank 0's stream (offset and position) on every rank of ``group``: one broadcast."""
+        import torch.distributed as dist
+
+        state = torch.stack([torch.full_like(self.counter, self.offset), self.counter])
+        dist.broadcast(state, src=dist.get_global_rank(group, 0), group=group)
+        self.offset = int(state[0].item())
+        self.counter.copy_(state[1])
+
     def state(self) -> Dict[str, Any]:
         return {"offset": self.offset, "counter": self.counter.clone()}
 

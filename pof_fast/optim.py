@@ -72,6 +72,8 @@ class _Telemetry:
     last: Optional[PoFStats] = None
     captured: Dict[Any, CapturedSearch] = field(default_factory=dict)
     head_checked: bool = False  # validate=True: the head was compared with theta0 at the first perturb
+    perturbed: bool = False  # perturb() was called at least once (a step before that is plain fine-tuning)
+    warned_unperturbed: bool = False
     # validate=True on CUDA: (pinned host flag, event after it, features, target) of the last search, read later
     pending: Optional[tuple] = None
 
@@ -93,15 +95,6 @@ def _check_head(head: object) -> nn.Linear:
         if not torch.isfinite(p).all():
             raise ValueError(f"head.{name} contains NaN or inf: theta0 must be a trained, finite head")
     return head
-
-
-def _agreed_seed(seed: int, device: torch.device, group: "torch.distributed.ProcessGroup") -> int:
-    """Rank 0's seed on every rank of ``group`` (one broadcast, at construction)."""
-    import torch.distributed as dist
-
-    value = torch.tensor([seed], dtype=torch.int64, device=device)
-    dist.broadcast(value, src=dist.get_global_rank(group, 0), group=group)
-    return int(value.item())
 
 
 class PoF(torch.optim.Optimizer):
@@ -179,15 +172,15 @@ class PoF(torch.optim.Optimizer):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if cuda_graph and head.weight.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the head on a CUDA device, it is on {head.weight.device}")
-        if cuda_graph and process_group is not None:
-            raise ValueError("cuda_graph=True with a process_group is not supported: the union search's "
-                             "all-reduces run between launches")
         super().__init__(params, dict(base_kwargs))
         head_ids = {id(p) for p in head.parameters()}
         if any(id(p) in head_ids for group in self.param_groups for p in group["params"]):
             raise ValueError(
-                "params must not include the head's parameters: PoF keeps the head fixed at theta0 "
-                "(a head whose weight is tied to an embedding of the feature extractor cannot be kept fixed: untie it)"
+                "params must not include the head's parameters: PoF keeps the head fixed at theta0. Pass only the "
+                "feature extractor's parameters (a Transformers Trainer building PoF from optimizer_cls_and_kwargs "
+                "passes every parameter that requires a gradient: freeze the head first, head.requires_grad_(False)). "
+                "A head whose weight is tied to an embedding of the feature extractor cannot be kept fixed: untie it "
+                "(a Hugging Face model: pof_fast.integrations.transformers.untie_lm_head(model))"
             )
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -216,15 +209,31 @@ class PoF(torch.optim.Optimizer):
         self.search_kwargs = dict(
             method=method, direction=direction, init_step=init_step, max_step=max_step,
             partitions=partitions, ignore_index=ignore_index, backend=backend, validate=validate,
-            process_group=process_group,
+            process_group=None,
         )
-        seed = seed if seed is not None else secrets.randbits(63)
-        if process_group is not None:  # one gamma stream for all ranks: rank 0's seed
-            seed = _agreed_seed(seed, head.weight.device, process_group)
-        self.gamma_sampler = GammaSampler(seed, head.weight.device)
+        self.gamma_sampler = GammaSampler(seed if seed is not None else secrets.randbits(63), head.weight.device)
+        if process_group is not None:
+            self.set_process_group(process_group)
         device = head.weight.device
         self._telemetry = _Telemetry(torch.zeros(8, dtype=torch.float64, device=device),
                                      torch.zeros(2, dtype=torch.int64, device=device))
+
+    def set_process_group(self, process_group: "torch.distributed.ProcessGroup") -> None:
+        """Search the union of the ranks' search batches from now on, as ``PoF(..., process_group=...)`` does.
+
+        Every rank of the group then perturbs the head identically, and the gamma stream becomes rank 0's
+        (offset and position, one broadcast). Call it on every rank of the group, between steps.
+        """
+        if self.cuda_graph:
+            raise ValueError("cuda_graph=True with a process_group is not supported: the union search's "
+                             "all-reduces run between launches")
+        self.gamma_sampler.agree(process_group)
+        self.search_kwargs["process_group"] = process_group
+
+    @property
+    def process_group(self) -> Optional["torch.distributed.ProcessGroup"]:
+        """The group whose ranks' search batches are searched together (None: this process's batch alone)."""
+        return self.search_kwargs["process_group"]
 
     # -- theta0 ---------------------------------------------------------------------------------------
 
@@ -263,16 +272,20 @@ class PoF(torch.optim.Optimizer):
     def perturb(self, search_features: Tensor, search_target: Tensor) -> LineSearchResult:
         """Search along the normalised head gradient of the search batch and perturb the head.
 
-        search_features: ``[n, D]`` phi(x_s), any float dtype (promoted to the head's; no gradient needed).
-        search_target: ``[n]`` labels. Sets the head to theta0 - gamma * t* * u; returns the search.
+        search_features: ``[n, D]`` phi(x_s), or ``[..., D]`` token batches (e.g. a causal LM's ``[B, T, D]``
+        hidden states, see :func:`pof_fast.causal_lm_rows`), any float dtype (promoted to the head's; no gradient
+        needed). search_target: ``[n]`` (or ``[...]``) labels, ``ignore_index`` for rows that do not count.
+        Sets the head to theta0 - gamma * t* * u; returns the search.
         Call it once per optimizer step (with gradient accumulation: once, before the micro-batches).
         """
-        check.tensor("search_features", search_features, 2)
-        if search_features.shape[1] != self.theta0_weight.shape[1]:
+        check.row_features("search_features", search_features)
+        if search_features.shape[-1] != self.theta0_weight.shape[1]:
             raise ValueError(
-                f"search_features must have shape [n, {self.theta0_weight.shape[1]}] (the head's in_features), "
+                f"search_features must have shape [..., {self.theta0_weight.shape[1]}] (the head's in_features), "
                 f"got {list(search_features.shape)}"
             )
+        search_target = check.target_tensor(search_target, search_features.shape[:-1])
+        search_features = search_features.reshape(-1, search_features.shape[-1])  # a view where it can be
         if self.search_kwargs["validate"] and not self._telemetry.head_checked:
             self._telemetry.head_checked = True
             self._warn_if_head_moved()
@@ -294,6 +307,7 @@ class PoF(torch.optim.Optimizer):
         )
         record = self._telemetry
         record.last = stats
+        record.perturbed = True
         record.sums.add_(stats.values())
         record.counts[0] += 1
         return result
@@ -361,6 +375,8 @@ class PoF(torch.optim.Optimizer):
         step with inf/NaN gradients is skipped; the head is back at theta0 after every step, taken or
         skipped.
         """
+        if not self._telemetry.perturbed:
+            self._warn_unperturbed()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
         try:
@@ -392,6 +408,20 @@ class PoF(torch.optim.Optimizer):
                     p.grad = None
         self._telemetry.counts[1] += 1
         return loss
+
+    def _warn_unperturbed(self) -> None:
+        """Once per PoF: a step was taken and perturb() was never called, so nothing was post-trained with PoF."""
+        record = self._telemetry
+        if record.warned_unperturbed:
+            return
+        record.warned_unperturbed = True
+        warnings.warn(
+            "pof_fast.PoF.step() ran but perturb() was never called: this step trained the feature extractor at "
+            "theta0, i.e. plain fine-tuning with the base optimizer, not PoF. Call opt.perturb(search_features, "
+            "search_target) before each optimizer step (in a Transformers Trainer: add "
+            "pof_fast.integrations.transformers.PoFCallback(); in Lightning: "
+            "pof_fast.integrations.lightning.PoFCallback).",
+            RuntimeWarning, stacklevel=3)
 
     def _base_step(self) -> Optional[Tensor]:
         """The base optimizer's step; under ``torch.compile`` traced as part of the caller's graph.

@@ -111,7 +111,10 @@ def line_search(
 ) -> LineSearchResult:
     """Find t* = argmin_{0 <= t <= max_step} L(theta0 - t u) on a search batch.
 
-    features h ``[n, D]``, weight W0 ``[C, D]``, bias b0 ``[C]`` or None, target ``[n]`` int.
+    features h ``[n, D]``, weight W0 ``[C, D]``, bias b0 ``[C]`` or None, target ``[n]`` int. Token batches:
+    features ``[..., D]`` with target ``[...]`` (e.g. ``[B, T, D]`` and ``[B, T]``) search over every row of the
+    leading dimensions, flattened without a copy where a view will do; rows labelled ``ignore_index`` count in
+    no sum (see :func:`pof_fast.causal_lm_rows` for a causal LM's shifted labels).
 
     method: ``"newton"`` (exact minimiser of the convex l), ``"bracket_grid"`` (the reference
     script's doubling bracket then a ``partitions``-point grid), ``"grid"`` (``partitions`` points on
@@ -136,18 +139,19 @@ def line_search(
     required inside a CUDA graph), and a bad label then makes l(0), l(t*), ||g|| and the directions NaN on
     every backend (never an out-of-range read). Shape, dtype and device errors are always raised.
     """
-    check.tensor("features", features, 2)
+    check.row_features("features", features)
     check.tensor("weight", weight, 2)
-    n, dim = features.shape
+    dim = features.shape[-1]
     classes = weight.shape[0]
     if weight.shape[1] != dim:
-        raise ValueError(f"weight must have shape [C, {dim}] to match features [n, {dim}], got {list(weight.shape)}")
+        raise ValueError(f"weight must have shape [C, {dim}] to match features [..., {dim}], got {list(weight.shape)}")
     if classes == 0:
         raise ValueError("weight has 0 rows: the head needs at least one class")
     if bias is not None:
         check.tensor("bias", bias, 1)
         check.shape("bias", bias, (classes,), "one entry per class, C = weight.shape[0]")
-    target = check.target_tensor(target, n)
+    target = check.target_tensor(target, features.shape[:-1])
+    features = features.reshape(-1, dim)  # token batches [..., D]: rows over the leading dimensions (a view if it can)
     check.search_options(method, direction, init_step, max_step, partitions, ignore_index)
     if logits_free is not None and not isinstance(logits_free, bool):
         raise TypeError(f"logits_free must be None, True or False, got {logits_free!r}")

@@ -1,6 +1,7 @@
 """The examples under examples/ run for a few steps: plain PyTorch + AMP, Lightning (automatic and
 manual optimisation), Accelerate. The framework examples need their framework (in the ``test`` extra)."""
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -41,3 +42,14 @@ def test_accelerate_example():
     pytest.importorskip("accelerate", reason="accelerate is not installed (pip install '.[test]')")
     summary = run("accelerate_pof", "--steps", "3", "--accumulate", "2")
     assert summary["steps"] == 3 and summary["perturbations"] == 3  # one perturbation per optimizer step
+
+
+def test_transformers_example(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
+    results = run("transformers_pof", "--pretrain-steps", "20", "--steps", "3", "--length", "24", "--device", "cpu",
+                  "--out", str(tmp_path))
+    summary = results["pof_summary"]
+    assert summary["steps"] == 3 and summary["perturbations"] == 3 and summary["step"] > 0
+    assert results["before"]["loss"] < 5.5  # pretrained below log(512) = 6.24, the untrained loss
+    for name in ("before", "plain", "pof"):
+        assert results[name]["perplexity"] == pytest.approx(math.exp(results[name]["loss"]))

@@ -1,6 +1,7 @@
 """The machine, versions and command, written beside every number."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from .. import dispatch
 
-__all__ = ["environment"]
+__all__ = ["environment", "write_json"]
 
 
 def _version(package: str) -> Optional[str]:
@@ -45,3 +46,12 @@ def environment(device: str) -> Dict[str, Any]:
     if device == "cuda":
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return env
+
+
+def write_json(path: Optional[str], device: str, **fields: Any) -> Dict[str, Any]:
+    """``{"environment": environment(device), **fields}``, written to ``path`` when one is given, and returned."""
+    result = {"environment": environment(device), **fields}
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result

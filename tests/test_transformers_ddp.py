@@ -1,0 +1,34 @@
+"""A Transformers Trainer with PoFCallback under torchrun: 2 gloo processes on the CPU (tests/hf_ddp_worker.py).
+
+Every rank searches the union of the ranks' search batches (PoF built without a process group gets the world
+group from the callback): t* and ||g|| are identical on both ranks although their own search batches differ, the
+gamma streams (seeded differently on each rank) are agreed, and DDP keeps the extractors identical.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+WORKER = Path(__file__).resolve().parent / "hf_ddp_worker.py"
+
+
+def test_trainer_under_torchrun_searches_the_union_with_identical_steps_on_both_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(tmp_path)]
+    # cwd: not the repository root, whose kernels/ folder would shadow the `kernels` package Transformers imports
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\n"
+                                  f"stderr:\n{done.stderr[-3000:]}")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world"] == 2 and r["process_group"] and r["head_is_theta0"] for r in ranks)
+    assert len(ranks[0]["searches"]) == 3 and ranks[0]["searches"] == ranks[1]["searches"]  # t*, gamma, ||g||
+    assert ranks[0]["search_label_sums"] != ranks[1]["search_label_sums"]  # each rank searched its own rows
+    assert ranks[0]["extractor"] == ranks[1]["extractor"]
