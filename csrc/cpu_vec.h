@@ -72,5 +72,15 @@ inline T lane_sum(T* v) {  // pairwise, fixed order
 #define POF_CLONES
 #endif
 
+// Lets the compiler contract a * b + c into one fused multiply-add in the function it marks (the extension is built
+// with -ffp-contract=off, which the search driver's step arithmetic needs: candidate steps exactly as torch ops
+// form them). The scorer's sums only need to be accurate, and FMA makes them more so and 1.4x faster (on the
+// x86-64-v3/v4 clones; the baseline clone has no FMA instruction and stays uncontracted).
+#if defined(__GNUC__) && !defined(__clang__)
+#define POF_CONTRACT __attribute__((optimize("fp-contract=fast")))
+#else
+#define POF_CONTRACT
+#endif
+
 }  // namespace cpu
 }  // namespace pof_fast

@@ -218,14 +218,19 @@ def test_head_gradient_bf16_features_small_batch():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_head_gradient_bf16_features_large_head(bias):
-    """Large 16-bit heads store R in bf16 (rounded once from the float64 residual's value) and accumulate g in fp32."""
+    """Large 16-bit heads store R in bf16 (rounded once from the float64 residual's value); on the CPU g_W is the
+    product of the 16-bit R and h accumulated in fp32 and rounded to bf16 once (ATen's CPU products have no 16-bit
+    in, fp32 out form), g_b accumulates in fp32."""
     h, w, b, y = head_problem(29, 40, 17, bias=bias, dtype=torch.bfloat16, spread=40**0.5 / 7, seed=3)
     logits, residual, gw, gb, norm, _ = ops.head_gradient(h, w, b, y, -100, True)
     assert logits.dtype == residual.dtype == torch.bfloat16 and gw.dtype == norm.dtype == torch.float32
     exact = oracle.residual(logits, y)  # float64 at the op's own bf16 logits
     oracle.assert_close(residual, exact, 1e-7, 2.0**-8, "R rounded to bf16")
     r64 = residual.double()
-    oracle.assert_close(gw, r64.t() @ h.double(), 1e-6, 1e-4, "g_W from the stored R")
+    assert torch.equal(gw, gw.bfloat16().float()), "g_W is not bf16-valued"
+    oracle.assert_close(gw, r64.t() @ h.double(), 1e-6, 2.0**-8, "g_W from the stored R, rounded once")
+    oracle.assert_close(norm, (gw.double().square().sum() + (gb.double().square().sum() if bias else 0.0)).sqrt(),
+                        0.0, 1e-6, "||g|| of the g_W and g_b returned")
     if bias:
         assert gb.dtype == torch.float32
         oracle.assert_close(gb, r64.sum(0), 1e-6, 1e-4, "g_b from the stored R")
