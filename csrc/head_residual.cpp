@@ -29,9 +29,10 @@ using cpu::vfloat;
 using cpu::vload;
 using cpu::vstore;
 
-// One counted row in place on a buffer padded to Cp with a large negative value:
-// r = (softmax(r) - onehot(y)) * inv_m. float: kLanes at a time (max, exp and sum, scale).
-POF_CLONES void residual_row(float* r, int64_t Cp, int64_t y, float inv_m) {
+// One counted row in place on a buffer padded to Cp with a large negative value: r <- exp(r - max r); returns the
+// factor f = inv_m / sum_c r_c, so that (softmax(r) - onehot(y)) * inv_m = f r - inv_m onehot(y). float: kLanes at a
+// time (max, then exp and sum).
+POF_CLONES float residual_row(float* r, int64_t Cp, float inv_m) {
   vfloat mx = splat(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < Cp; c += kLanes) {
     const vfloat x = vload(r + c);
@@ -47,12 +48,10 @@ POF_CLONES void residual_row(float* r, int64_t Cp, int64_t y, float inv_m) {
     s += e;
   }
   std::memcpy(lanes, &s, sizeof(s));
-  const float f = inv_m / lane_sum(lanes);
-  for (int64_t c = 0; c < Cp; c += kLanes) vstore(r + c, vload(r + c) * f);
-  r[y] -= inv_m;
+  return inv_m / lane_sum(lanes);
 }
 
-void residual_row(double* r, int64_t Cp, int64_t y, double inv_m) {
+double residual_row(double* r, int64_t Cp, double inv_m) {
   double m = r[0];
   for (int64_t c = 1; c < Cp; ++c) m = std::max(m, r[c]);
   double s = 0;
@@ -60,12 +59,10 @@ void residual_row(double* r, int64_t Cp, int64_t y, double inv_m) {
     r[c] = std::exp(r[c] - m);
     s += r[c];
   }
-  const double f = inv_m / s;
-  for (int64_t c = 0; c < Cp; ++c) r[c] *= f;
-  r[y] -= inv_m;
+  return inv_m / s;
 }
 
-// out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, copied out (converted
+// out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, written out scaled (converted
 // to O); ignored rows zero, rows with a label outside [0, C) NaN.
 template <typename T, typename O>
 void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, const int64_t* y, int64_t n,
@@ -86,8 +83,9 @@ void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, con
         continue;
       }
       load(z + i * z_row_bytes, buf.data(), C, Cp, T(-1e30));
-      residual_row(buf.data(), Cp, y[i], inv_m);
-      std::copy(buf.data(), buf.data() + C, r);
+      const T f = residual_row(buf.data(), Cp, inv_m);
+      for (int64_t c = 0; c < C; ++c) r[c] = static_cast<O>(buf[c] * f);  // scaled as it is written out
+      r[y[i]] = static_cast<O>(buf[y[i]] * f - inv_m);
     }
   });
 }
