@@ -5,21 +5,22 @@
 // torch from 2.10 on. No ATen, c10 or pybind11 type crosses this boundary.
 //
 // Stable wrappers used as they are (torch/csrc/stable/{ops,tensor,accelerator}.h, all in 2.10):
-//   empty, new_empty, new_zeros, full, to, contiguous, transpose, narrow, select, copy_, fill_, sum,
+//   new_empty, new_zeros, full, to, contiguous, transpose, narrow, select, copy_, clone, sum,
 //   parallel_for (at::parallel_for behind a C call: torch's intra-op threads, set by torch.set_num_threads),
 //   accelerator::DeviceGuard, STD_CUDA_CHECK / STD_CUDA_KERNEL_LAUNCH_CHECK.
 //
-// Calls with no stable wrapper at 2.10, made here and nowhere else:
-//   call                                   | made through                                  | in torch since
-//   aten::linear, aten::mm                 | torch_call_dispatcher                         | 2.10 (the call)
-//   aten::mm.dtype (16-bit in, fp32 out)   | torch_call_dispatcher                         | 2.10 (op: 2.8)
+// Calls with no stable wrapper at 2.10, made here and nowhere else (each symbol and op checked present in 2.10):
+//   call                                   | made through                                   | used for
+//   aten::linear, aten::mm, aten::stack,   | torch_call_dispatcher (torch >= 2.10)          | z0, g_W, d, ||g||
+//   aten::mul_.Tensor                      |                                                |
 //   aten::norm.ScalarOpt_dim (p = None)    | torch_call_dispatcher: ATen's linalg_vector_norm(x, 2, dim), with no
-//                                          | Scalar to pass (StableIValue has none at 2.10)| 2.10
-//   aten::stack, mul.Tensor, mul_.Tensor,  | torch_call_dispatcher                         | 2.10
-//   where.self, gt.Tensor, logical_and     |                                               |
-//   addmm.out (beta = alpha = 1), mm.out   | AOTI C shim aoti_torch_{cpu,cuda}_addmm_out /  | <= 2.10
+//                                          | Scalar to pass (StableIValue has none at 2.10) | ||g|| (CPU)
+//   aten::mm.dtype (16-bit in, fp32 out)   | torch_call_dispatcher                          | g_W on tensor cores
+//   aten::where.self, gt.Tensor,           | torch_call_dispatcher                          | the GPU result assembly
+//   logical_and, mul.Tensor                |                                                | (no host sync)
+//   addmm.out (beta = alpha = 1), mm.out   | AOTI C shims aoti_torch_{cpu,cuda}_addmm_out,  | 16-bit d in class chunks
 //                                          | _mm_out (addmm's Scalars cannot go through the dispatcher call)
-//   the current CUDA stream                | AOTI C shim aoti_torch_get_current_cuda_stream | <= 2.10
+//   the current CUDA stream                | AOTI C shim aoti_torch_get_current_cuda_stream | every CUDA launch
 // A failure inside a dispatcher or shim call reaches Python as RuntimeError naming the call (torch >= 2.13 would
 // add the inner message; at 2.10 torch prints it to stderr).
 #pragma once

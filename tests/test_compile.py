@@ -16,6 +16,10 @@ from problems import head_problem
 
 CPU_BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
 METHODS = ["newton", "bracket_grid", "grid"]
+# torch 2.10's dynamo-compiled SGD step rounds some parameters one ulp away from the eager step (3.7e-9 on the first
+# step, from identical gradients; with backend="torch" too, so not the compiled extension); 2.13 and 2.15 agree
+# bitwise (.ci/wheel-matrix.sh runs this suite under 2.10 and the newest torch).
+TORCH_2_10 = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) == (2, 10)
 
 
 class GraphRecorder:
@@ -88,6 +92,7 @@ def pof(phi, head, **kwargs):
                         **kwargs)
 
 
+@pytest.mark.xfail(TORCH_2_10, reason="torch 2.10 compiles the SGD step to a one-ulp different result")
 @pytest.mark.parametrize("gamma_sampling", ["uniform", "fixed"])
 def test_perturb_and_step_compile_without_graph_breaks(gamma_sampling):
     phi, head = small_model()

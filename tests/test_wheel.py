@@ -1,5 +1,8 @@
 """`pip wheel --no-build-isolation .` builds a wheel holding pof_fast._C; a fresh venv installs it and imports it.
 
+The wheel is tagged for Python's limited API (cp310-abi3) and asks for torch >= 2.10, the stable-ABI target of its
+extension (.ci/wheel-matrix.sh installs one such wheel under torch 2.10 and the newest torch).
+
 Building compiles the extension (about 1-3 minutes on 2 cores, less when ./build holds up-to-date objects),
 so this test runs only when POF_FAST_TEST_WHEEL=1 (.ci/run sets it).
 """
@@ -36,8 +39,12 @@ def test_wheel_installs_and_imports_the_extension(tmp_path):
     )
     assert done.returncode == 0, f"pip wheel failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     (wheel,) = dist.glob("pof_fast-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("pof_fast/_C") and n.endswith(".so") for n in names), names
+    assert "-cp310-abi3-" in wheel.name, wheel.name
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    assert "pof_fast/_C.abi3.so" in names, names
+    metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode().splitlines()
+    assert "Requires-Dist: torch>=2.10" in metadata and "Requires-Python: >=3.10" in metadata, metadata
     assert "pof_fast/kernels/__init__.py" in names and not any(n.startswith("kernels/") for n in names)
     packages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pof_fast").rglob("__init__.py")}
     assert packages <= set(names), f"subpackages missing from the wheel (setup.py packages): {sorted(packages - set(names))}"
