@@ -30,6 +30,25 @@ __attribute__((always_inline)) inline void vstore(float* p, vfloat v) { std::mem
 
 __attribute__((always_inline)) inline vfloat splat(float x) { return vfloat{} + x; }
 
+// kLanes floats stored as bfloat16 bits, rounded to nearest even, NaN as a quiet NaN: the values c10's
+// BFloat16(float) gives one at a time (whose NaN branch keeps GCC from vectorizing a loop of them).
+using vuint = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+using vhalfword = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+// Returns the stored values, widened back to float.
+__attribute__((always_inline)) inline vfloat vstore_bf16(void* p, vfloat v) {
+  vuint bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  vuint rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  rounded = (v != v) ? vuint{} + 0x7FC0u : rounded;
+  const vhalfword out = __builtin_convertvector(rounded, vhalfword);
+  std::memcpy(p, &out, sizeof(out));
+  rounded <<= 16;
+  vfloat widened;
+  std::memcpy(&widened, &rounded, sizeof(widened));
+  return widened;
+}
+
 __attribute__((always_inline)) inline vfloat vexp_nonpositive(vfloat x) {
   const vfloat lo = splat(-64.0f);
   const vint drop = x < lo;  // false for NaN, which propagates like std::exp's

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -32,7 +33,7 @@ using cpu::vstore;
 // One counted row in place on a buffer padded to Cp with a large negative value: r <- exp(r - max r); returns the
 // factor f = inv_m / sum_c r_c, so that (softmax(r) - onehot(y)) * inv_m = f r - inv_m onehot(y). float: kLanes at a
 // time (max, then exp and sum).
-POF_CLONES float residual_row(float* r, int64_t Cp, float inv_m) {
+POF_CLONES POF_CONTRACT float residual_row(float* r, int64_t Cp, float inv_m) {
   vfloat mx = splat(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < Cp; c += kLanes) {
     const vfloat x = vload(r + c);
@@ -62,6 +63,41 @@ double residual_row(double* r, int64_t Cp, double inv_m) {
   return inv_m / s;
 }
 
+// out[0:C] = BFloat16(row[c] * f), kLanes at a time; with widened, also widened[0:C] = float(out[0:C]).
+POF_CLONES void write_scaled_bf16(const float* row, int64_t C, float f, BFloat16* out, float* widened) {
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    const vfloat stored = cpu::vstore_bf16(out + c, vload(row + c) * f);
+    if (widened != nullptr) vstore(widened + c, stored);
+  }
+  for (; c < C; ++c) {
+    out[c] = static_cast<BFloat16>(row[c] * f);
+    if (widened != nullptr) widened[c] = static_cast<float>(out[c]);
+  }
+}
+
+// out[0:C] = O(row[c] * f); with widened, also widened[0:C] = float(out[0:C]) (widened may be row itself).
+template <typename T, typename O>
+void write_scaled(const T* row, int64_t C, T f, O* out, T* widened = nullptr) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<O, BFloat16>) {
+    write_scaled_bf16(row, C, f, out, widened);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<O>(row[c] * f);
+      if (widened != nullptr) widened[c] = static_cast<T>(out[c]);
+    }
+  }
+}
+
+// u[0:count] <- O(scale u) in place and in out[0:count], O a 16-bit dtype: one pass for what mul_, to() and copy_ do
+// in three, with the same values (one fp32 product, one rounding to nearest even). CPU memory.
+template <typename O>
+void round_scaled(float* u, int64_t count, float scale, O* out) {
+  torch::stable::parallel_for(0, count, int64_t(1) << 16, [&](int64_t a, int64_t b) {
+    write_scaled(u + a, b - a, scale, out + a, u + a);
+  });
+}
+
 // out[n, C] = R: rows loaded (converted to T) into a padded per-thread buffer, residual_row, written out scaled (converted
 // to O); ignored rows zero, rows with a label outside [0, C) NaN.
 template <typename T, typename O>
@@ -84,7 +120,7 @@ void residual_rows(const char* z, int64_t z_row_bytes, cpu::LoadRow<T> load, con
       }
       load(z + i * z_row_bytes, buf.data(), C, Cp, T(-1e30));
       const T f = residual_row(buf.data(), Cp, inv_m);
-      for (int64_t c = 0; c < C; ++c) r[c] = static_cast<O>(buf[c] * f);  // scaled as it is written out
+      write_scaled(buf.data(), C, f, r);  // scaled as it is written out
       r[y[i]] = static_cast<O>(buf[y[i]] * f - inv_m);
     }
   });
@@ -273,12 +309,25 @@ Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight,
   }
   Tensor d = torch::stable::new_empty(features, {features.size(0), C});
   Tensor weight = grad_weight;
+  const bool cpu = !features.is_cuda();
+  Tensor chunk16 = cpu ? torch::stable::new_empty(features, {std::min(chunk, C), grad_weight.size(1)}) : Tensor();
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t c1 = std::min(C, c0 + chunk);
     Tensor u = torch::stable::narrow(weight, 0, c0, c1 - c0);
-    aten::mul_(u, scale);  // u = scale g, a chunk at a time (one pass over g)
-    const Tensor rounded = as_dtype(u, dtype);
-    torch::stable::copy_(u, rounded);
+    // u = scale g rounded to the input dtype, a chunk at a time (one pass over g), kept in g: the direction returned
+    Tensor rounded;
+    if (cpu) {
+      rounded = torch::stable::narrow(chunk16, 0, 0, c1 - c0);
+      const float s = *scale.const_data_ptr<float>();
+      dispatch_stored(dtype, [&](auto stored) {
+        using O = decltype(stored);
+        if constexpr (sizeof(O) == 2) round_scaled(u.mutable_data_ptr<float>(), u.numel(), s, rounded.mutable_data_ptr<O>());
+      });
+    } else {
+      aten::mul_(u, scale);
+      rounded = as_dtype(u, dtype);
+      torch::stable::copy_(u, rounded);
+    }
     // d[:, c0:c1] = h u^T + u_b: 16-bit operands, fp32 accumulation (tensor cores on a GPU), one rounding at the
     // end, written in place (leading dimension C).
     const Tensor columns = torch::stable::narrow(d, 1, c0, c1 - c0);
