@@ -8,7 +8,8 @@ large enough for the 16-bit storage path (n (D + C) >= D C), where z0, R and d a
     fwd+bwd:  F.cross_entropy(F.linear(h, W), y).backward() with h and W requiring gradients: the three products
               of a head that trains (z = h W^T, dW = G^T h, dh = G W), in the same dtype
 
-Peak memory beyond the inputs (``pof_fast.bench.memory``: the CPU allocator's running sum under the profiler, or
+The calls are timed in alternation, round after round (the median of each, and the median of each round's ratio
+to the fwd+bwd of the same round). Peak memory beyond the inputs (``pof_fast.bench.memory``: the CPU allocator's running sum under the profiler, or
 CUDA's peak) is printed in units of one 16-bit [n, C] array; the search's returned direction (fp32 [C, D]) is
 counted separately. Targets (issue 18): the search <= 1.2x the fwd+bwd; at most two 16-bit [n, C] arrays (and
 16 MiB of chunks and workspace).
@@ -19,8 +20,11 @@ counted separately. Targets (issue 18): the search <= 1.2x the fwd+bwd; at most 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pof_fast  # noqa: E402
 from pof_fast.bench.environment import write_json  # noqa: E402
 from pof_fast.bench.memory import peak_extra_bytes  # noqa: E402
-from pof_fast.bench.timing import time_call  # noqa: E402
+from pof_fast.bench.timing import synchronize  # noqa: E402
 
 TIME_TARGET = 1.2  # search / fwd+bwd
 ARRAY_TARGET = 2  # 16-bit [n, C] arrays beyond the inputs and the returned direction
@@ -47,6 +51,28 @@ def head_problem(tokens: int, dim: int, classes: int, dtype: torch.dtype, device
     return h, w, y
 
 
+def interleaved(calls, device: str, budget_s: float, min_rounds: int = 5) -> list:
+    """Seconds of each call in rounds of one call each (after one warm-up call each), until ``budget_s`` is spent."""
+    for call in calls:
+        call()
+    samples = [[] for _ in calls]
+    start = time.perf_counter()
+    while len(samples[0]) < min_rounds or time.perf_counter() - start < budget_s:
+        for call, times in zip(calls, samples):
+            synchronize(device)
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return samples
+
+
+def summary(times: list) -> dict:
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"seconds": statistics.median(times), "p20": pick(0.2), "p80": pick(0.8), "repeats": len(times)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
@@ -57,7 +83,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--methods", default="bracket_grid,newton")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed repeats per row")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds (each: every call once)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -72,25 +98,24 @@ def main(argv=None) -> dict:
         F.cross_entropy(F.linear(hg, wg), y).backward()
         return hg.grad, wg.grad
 
-    rows = []
-    timing = time_call(train_step, args.device, args.budget, min_repeats=3)
-    peak = peak_extra_bytes(train_step, args.device)
-    grads = (h.numel() + w.numel()) * h.element_size()  # dh and dW, outputs of the step
-    rows.append({"what": "fwd+bwd (F.linear + cross_entropy, dW and dh)", "seconds": timing.median,
-                 "p20": timing.p20, "p80": timing.p80, "peak_bytes": peak, "arrays": (peak - grads) / array})
-    baseline = timing.median
+    searches = {}
     for method in args.methods.split(","):
-        direction_kind = "raw" if method == "bracket_grid" else "normalized"
-
-        def search():
-            return pof_fast.line_search(h, w, None, y, method=method, direction=direction_kind, backend=args.backend,
-                                        validate=False)
-
-        timing = time_call(search, args.device, args.budget, min_repeats=3)
+        kind = "raw" if method == "bracket_grid" else "normalized"
+        searches[method] = functools.partial(pof_fast.line_search, h, w, None, y, method=method, direction=kind,
+                                             backend=args.backend, validate=False)
+    # Rounds of one call each, fwd+bwd first: every ratio compares calls made moments apart (this machine's speed
+    # drifts by 10-20% over minutes, more than the differences measured).
+    calls = [train_step, *searches.values()]
+    seconds = interleaved(calls, args.device, args.budget)
+    grads = (h.numel() + w.numel()) * h.element_size()  # dh and dW, outputs of the step
+    peak = peak_extra_bytes(train_step, args.device)
+    rows = [{"what": "fwd+bwd (F.linear + cross_entropy, dW and dh)", **summary(seconds[0]), "peak_bytes": peak,
+             "arrays": (peak - grads) / array}]
+    for (method, search), times in zip(searches.items(), seconds[1:]):
         peak = peak_extra_bytes(search, args.device)
-        rows.append({"what": f"search {method}", "seconds": timing.median, "p20": timing.p20, "p80": timing.p80,
-                     "peak_bytes": peak, "arrays": (peak - direction) / array,
-                     "vs_fwd_bwd": timing.median / baseline})
+        ratios = [t / t0 for t, t0 in zip(times, seconds[0])]
+        rows.append({"what": f"search {method}", **summary(times), "peak_bytes": peak,
+                     "arrays": (peak - direction) / array, "vs_fwd_bwd": statistics.median(ratios)})
     print(f"head: n={args.tokens} tokens, D={args.dim}, C={args.classes}, {args.dtype}, {args.device}, "
           f"backend {args.backend} (auto -> {pof_fast.backends()}), threads {torch.get_num_threads()}")
     print(f"one 16-bit [n, C] array = {array / 2**20:.0f} MiB; the fp32 direction [C, D] = {direction / 2**20:.0f} MiB")

@@ -22,6 +22,11 @@ METHODS = ["newton", "bracket_grid", "grid"]
 TORCH_2_10 = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) == (2, 10)
 
 
+def same(a, b):
+    """Bitwise equal; under torch 2.10 (see TORCH_2_10) equal to 1e-5 relative, the compiled step's one-ulp drift."""
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-7) if TORCH_2_10 else torch.equal(a, b)
+
+
 class GraphRecorder:
     """A torch.compile backend that keeps every FX graph it is given and runs it eagerly."""
 
@@ -92,7 +97,6 @@ def pof(phi, head, **kwargs):
                         **kwargs)
 
 
-@pytest.mark.xfail(TORCH_2_10, reason="torch 2.10 compiles the SGD step to a one-ulp different result")
 @pytest.mark.parametrize("gamma_sampling", ["uniform", "fixed"])
 def test_perturb_and_step_compile_without_graph_breaks(gamma_sampling):
     phi, head = small_model()
@@ -116,16 +120,16 @@ def test_perturb_and_step_compile_without_graph_breaks(gamma_sampling):
     for _ in range(3):
         perturb(opt, phi, xs, ys)
         perturb_c(opt_c, phi_c, xs, ys)
-        assert torch.equal(head.weight, head_c.weight) and torch.equal(head.bias, head_c.bias)
+        assert same(head.weight, head_c.weight) and same(head.bias, head_c.bias)
         assert torch.equal(opt.last.gamma, opt_c.last.gamma)
         for o, p, hd in ((opt, phi, head), (opt_c, phi_c, head_c)):
             o.zero_grad()
             nn.functional.cross_entropy(hd(p(xt)), yt).backward()  # dynamo breaks on backward for any optimizer
         step(opt)
         step_c(opt_c)
-        assert all(torch.equal(a, b) for a, b in zip(phi.parameters(), phi_c.parameters()))
+        assert all(same(a, b) for a, b in zip(phi.parameters(), phi_c.parameters()))
         assert torch.equal(head_c.weight, opt_c.theta0_weight) and torch.equal(head_c.bias, opt_c.theta0_bias)
-    assert opt.summary() == opt_c.summary()
+    assert opt.summary() == (pytest.approx(opt_c.summary(), rel=1e-5) if TORCH_2_10 else opt_c.summary())
     # One graph for perturb; two for step: torch.optim creates the momentum buffers at the first step,
     # so the second step compiles once more (as for any compiled torch optimizer). No graph break anywhere.
     assert len(recorder.graphs) == 3
