@@ -98,6 +98,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--method", default="newton", help="PoF's search method (its default: newton)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
     plain = trainer_steps(model, torch.optim.AdamW(params, lr=1e-5), args, [])
     model, head = build(args)
     pof = pof_fast.PoF([p for p in model.parameters() if p is not head.weight], torch.optim.AdamW, head=head,
-                       lr=1e-5, seed=0)
+                       lr=1e-5, seed=0, method=args.method)
     with_pof = trainer_steps(model, pof, args, [PoFCallback(seed=0)])
     ids = Tokens(args.batch, args.seq, args.vocab).ids.to(args.device)
     batch = {"input_ids": ids, "labels": ids}
@@ -130,7 +131,8 @@ def main(argv=None) -> dict:
     tokens = args.batch * args.seq
     print(f"model: random Llama, {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}, {args.seq} "
           f"tokens x batch {args.batch} ({tokens} tokens per training and per search batch), "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.device}, threads {torch.get_num_threads()}")
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.device}, threads {torch.get_num_threads()}, PoF method "
+          f"{args.method}")
     for name, seconds in rows.items():
         print(f"{name:<16}{seconds * 1e3:>10.1f} ms{seconds / rows['plain step']:>8.2f}x plain")
     print(f"PoF step - plain step = {(rows['pof step'] - rows['plain step']) * 1e3:.1f} ms; "
