@@ -5,9 +5,7 @@ under Triton's CPU interpreter. Tests marked ``triton_aot`` compile kernels for 
 run in a child without ``TRITON_INTERPRET``. Tests moved to a child are deselected here (not skipped)
 and run by ``test_triton_processes.py``, which this session then always runs (see ``triton_env``).
 
-The repository root leaves ``sys.path`` (where ``python -m pytest`` or a build in place put it): its
-``kernels/`` folder (installed as ``pof_fast.kernels``) would shadow the top-level ``kernels`` package that
-Transformers looks for and imports. ``pof_fast`` is imported first, so an in-place build still serves.
+The repository root leaves ``sys.path`` once ``pof_fast`` is imported (:mod:`repo_path`).
 """
 import os
 import sys
@@ -15,11 +13,9 @@ import sys
 import pytest
 import torch
 
-import pof_fast  # noqa: F401  (from the source tree when not installed; its submodules then need no sys.path entry)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
+
+import repo_path  # noqa: E402,F401  (first: pof_fast imported, then the repository root off sys.path)
 
 from triton_env import HANDED_OVER, MARKERS, OPTION, RUNNER, check_child_mode  # noqa: E402
 from triton_env import triton_backend, triton_kernels  # noqa: E402,F401  (fixtures of every test module)

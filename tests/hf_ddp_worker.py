@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import repo_path  # noqa: E402,F401  (first: pof_fast imported, then the repository root off sys.path)
 from lm import Examples, collate, extractor_params, tiny_lm  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -49,11 +50,13 @@ def main(out: str) -> None:
     result = {
         "world": dist.get_world_size(), "searches": record.rows, "search_label_sums": sums,
         "process_group": pof.process_group is not None,
-        "extractor": sum(float(p.double().sum()) for p in extractor_params(model)),
+        "extractor": sum(float(p.detach().double().sum()) for p in extractor_params(model)),
         "head_is_theta0": torch.equal(model.get_output_embeddings().weight, pof.theta0_weight),
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()  # before exit: a gloo group left to the interpreter's teardown can abort the process
 
 
 if __name__ == "__main__":

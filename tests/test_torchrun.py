@@ -11,10 +11,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from repo_path import child_env
 
 from pof_fast.cli.main import main
 from pof_fast.models import split_model
@@ -23,15 +23,16 @@ from pof_fast.training.world import DUMP_VARIABLE
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--no-progress", "--threads", "1", "--device", "cpu"]
 BATCH = 64
 
 
-def torchrun(args, env):
+def torchrun(args, env, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pof_fast", "posttrain", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    # cwd outside the repository and the session's package on PYTHONPATH: the children run the pof_fast this session
+    # runs (e.g. the installed one, with its extension), not the source folder python -m finds from the root.
+    done = subprocess.run(cmd, env=child_env(env), cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\n"
                                   f"stderr:\n{done.stderr[-3000:]}")
     return done.stdout
@@ -59,16 +60,16 @@ def test_posttrain_under_torchrun_resumes_and_keeps_ranks_identical(tmp_path):
     pre = tmp_path / "pre"
     assert main(["pretrain", "--epochs", "1", "--batch-size", "128", "--out", str(pre), *FAST]) == 0
     out, dump = tmp_path / "pof", tmp_path / "ranks"
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{DUMP_VARIABLE: str(dump)},
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{DUMP_VARIABLE: str(dump)})
     common = ["--batch-size", str(BATCH), "--search-batch-size", "64", *FAST]
-    printed = torchrun(["--checkpoint", str(pre / "model.pt"), "--epochs", "1", "--out", str(out), *common], env)
+    printed = torchrun(["--checkpoint", str(pre / "model.pt"), "--epochs", "1", "--out", str(out), *common], env,
+                       tmp_path)
     assert printed.count("posttrain: PoF on digits") == 1  # rank 0 alone prints
-    printed = torchrun(["--resume", "--epochs", "2", "--out", str(out), *common], env)
+    printed = torchrun(["--resume", "--epochs", "2", "--out", str(out), *common], env, tmp_path)
     assert "resumed after epoch 1" in printed
     whole = tmp_path / "whole"  # the same run, never interrupted
     torchrun(["--checkpoint", str(pre / "model.pt"), "--epochs", "2", "--out", str(whole), *common],
-             dict(env, **{DUMP_VARIABLE: ""}))
+             dict(env, **{DUMP_VARIABLE: ""}), tmp_path)
 
     # rank 0 alone wrote the run folder: one metrics file, each epoch once
     assert sorted(p.parent.name for p in tmp_path.rglob("metrics.jsonl")) == ["pof", "pre", "whole"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_path import child_env
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -20,10 +21,9 @@ WORKER = Path(__file__).resolve().parent / "hf_ddp_worker.py"
 
 
 def test_trainer_under_torchrun_searches_the_union_with_identical_steps_on_both_ranks(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env({**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(tmp_path)]
-    # cwd: not the repository root, whose kernels/ folder would shadow the `kernels` package Transformers imports
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\n"
                                   f"stderr:\n{done.stderr[-3000:]}")
