@@ -148,9 +148,15 @@ void direction_epilogue_cpu(T* d, int64_t n, int64_t C, const T* bias, T scale) 
   });
 }
 
-// Classes of u_W rounded and multiplied per chunk in direction_logits_16bit: 2^22 elements, so that the 16-bit copy
-// of a chunk (8 MiB) stays small next to the two [n, C] arrays of the search.
+// Classes of g_W formed (grad_weight_16bit_cpu), and of u_W rounded and multiplied (direction_logits_16bit), per
+// chunk: 2^22 elements, so that the 16-bit copy of a chunk (8 MiB) stays small next to the two [n, C] arrays of the
+// search.
 constexpr int64_t kRoundChunkElements = int64_t(1) << 22;
+
+// Rows of width `width` in one chunk.
+inline int64_t chunk_rows(int64_t width) {
+  return std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, width));
+}
 
 // g_W = R^T h on the CPU from a 16-bit R and 16-bit features: ATen's CPU product has no 16-bit x 16-bit -> fp32
 // form (aten::mm.dtype is CUDA-only), so the classes go in chunks of kRoundChunkElements: a 16-bit product (fp32
@@ -159,7 +165,7 @@ constexpr int64_t kRoundChunkElements = int64_t(1) << 22;
 // 3.66 s against 1.59 s for a 1024 x 151936 x 896 bf16 head, one thread, on the 2-core AMD EPYC dev box).
 Tensor grad_weight_16bit_cpu(Tensor residual_t, const Tensor& features) {
   const int64_t C = residual_t.size(0), D = features.size(1);
-  const int64_t chunk = std::min(C, std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, D)));
+  const int64_t chunk = std::min(C, chunk_rows(D));
   Tensor grad_weight = torch::stable::new_empty(features, {C, D}, ScalarType::Float);
   Tensor rows16 = torch::stable::new_empty(features, {chunk, D});
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
@@ -299,7 +305,7 @@ Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight,
                               const Tensor& scale) {
   const ScalarType dtype = features.scalar_type();
   const int64_t C = grad_weight.size(0);
-  const int64_t chunk = std::max<int64_t>(1, kRoundChunkElements / std::max<int64_t>(1, grad_weight.size(1)));
+  const int64_t chunk = chunk_rows(grad_weight.size(1));
   Tensor bias;
   if (grad_bias.has_value()) {
     Tensor unit_bias = *grad_bias;
@@ -321,7 +327,9 @@ Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight,
       const float s = *scale.const_data_ptr<float>();
       dispatch_stored(dtype, [&](auto stored) {
         using O = decltype(stored);
-        if constexpr (sizeof(O) == 2) round_scaled(u.mutable_data_ptr<float>(), u.numel(), s, rounded.mutable_data_ptr<O>());
+        if constexpr (sizeof(O) == 2) {
+          round_scaled(u.mutable_data_ptr<float>(), u.numel(), s, rounded.mutable_data_ptr<O>());
+        }
       });
     } else {
       aten::mul_(u, scale);

@@ -34,9 +34,7 @@ def causal_lm_rows(hidden_states: Tensor, labels: Tensor, *, ignore_index: int =
     check.integer("ignore_index", ignore_index)
     tokens = tuple(hidden_states.shape[:-1])
     check.target_tensor(labels, tokens)  # integer labels of the hidden states' leading shape
-    if labels.device != hidden_states.device:
-        raise ValueError(f"labels is on {labels.device} but hidden_states is on {hidden_states.device}: "
-                         "put them on one device")
+    check.same_device(hidden_states=hidden_states, labels=labels)
     labels = labels.long()
     last = labels.new_full(tokens[:-1] + (1,), ignore_index)
     return hidden_states, torch.cat([labels[..., 1:], last], dim=-1)

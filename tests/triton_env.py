@@ -46,13 +46,10 @@ def child_env(kind: str) -> dict:
            if k not in ("TRITON_INTERPRET", "PYTEST_CURRENT_TEST") and not k.startswith("PYTEST_XDIST")}
     if kind == "interpret":
         env["TRITON_INTERPRET"] = "1"
-    # The child imports the same pof_fast as this process: a source checkout goes first on its path.
-    import pof_fast
+    # The child imports the same pof_fast as this process: its parent folder goes first on the child's path.
+    from repo_path import child_env as with_package
 
-    root = Path(pof_fast.__file__).resolve().parent.parent
-    if root.name not in ("site-packages", "dist-packages"):
-        env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
+    return with_package(env)
 
 
 def check_child_mode(kind: str) -> None:
