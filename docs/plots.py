@@ -14,7 +14,6 @@ The figures read the tables as published, so a figure cannot disagree with the t
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -71,6 +70,13 @@ def stability_grid(out: Path) -> Path:
     return out
 
 
+def save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def landscapes() -> List[Tuple[str, Dict]]:
     return [(name, json.loads((DOCS / "data" / file).read_text().splitlines()[-1])) for name, file in LANDSCAPES]
 
@@ -87,10 +93,7 @@ def landscape(out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("l(t) - l(0), mean over batches")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def tstar(out: Path) -> Path:
@@ -105,10 +108,7 @@ def tstar(out: Path) -> Path:
         ax.set_xlabel("t* of a batch (128 rows)")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("batches")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def seconds(cell: str) -> float:
@@ -138,10 +138,7 @@ def benchmark_bars(out: Path) -> Path:
         ax.set_title(f"{where} ({', '.join(sorted({r[ours].split('(')[-1].strip('`)') for r in cases}))} backend)")
     axes[0][0].set_ylabel("pof-fast's speed-up (bracket_grid)")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def main() -> int:
