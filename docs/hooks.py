@@ -4,7 +4,8 @@ Both live at the repository's root, where GitHub shows them, and their links are
 (``docs/cli.md``, ``benchmarks/speedup_cpu.png``); the pages under ``docs/`` reach them as ``../README.md`` and
 ``../BENCHMARKS.md``. This hook adds the two files (and the images BENCHMARKS.md shows) to the site and rewrites
 every relative link from a repository path to the site's path, so one set of links works in both places. A link to
-any other file outside ``docs/`` is left as it is, and the strict build fails on it.
+any other file outside ``docs/`` is left as it is, and the strict build fails on it. The API page shows the
+docstrings' Sphinx roles (``:func:``) as plain code.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FROM_ROOT = {"index.md": "README.md", "BENCHMARKS.md": "BENCHMARKS.md"}  # site page -> repository file
 IMAGES = ("benchmarks/speedup_cpu.png", "benchmarks/speedup_cuda.png")  # shown by BENCHMARKS.md
 LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj):(?=<code>)")  # Sphinx roles the docstrings use
 
 
 def on_files(files: Files, config) -> Files:
@@ -49,3 +51,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return f"{match.group(1)}{new}{hash_}{anchor}{match.group(3)}"
 
     return LINK.sub(rewrite, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """The docstrings' Sphinx roles (``:func:`line_search```) shown as the code they name, without the role."""
+    return ROLE.sub("", html)
