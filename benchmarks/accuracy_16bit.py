@@ -1,6 +1,6 @@
 """Error of the large-16-bit-head search path against the float64 oracle of the same bf16 inputs.
 
-Large 16-bit heads (README, Backends) store R and d in bf16 and return u rounded to bf16. This prints, per shape,
+Large 16-bit heads (docs/backends.md) store R and d in bf16 and return u rounded to bf16. This prints, per shape,
 ||u - u_64|| / ||u_64|| and the relative error of ||g||, where u_64 and ||g||_64 are the float64 gradient of the
 mean cross-entropy at the op's own bf16 logits. Run:  python benchmarks/accuracy_16bit.py [--backend cpp|cuda]
 """

@@ -116,8 +116,8 @@ class PoF(torch.optim.Optimizer):
             digits data, fixed gamma = 2 made t* grow step after step (the features drift away
             from what theta0 fits) until test error rose from ~3% to 25-30%, at post-training
             learning rates from 1e-4 (over 100 epochs) to 5e-3; uniform sampling stayed stable.
-        method, direction, init_step, max_step, partitions, ignore_index, backend, validate: passed to
-            :func:`pof_fast.line_search` (``backend`` is checked here). On CUDA, ``validate=True`` reads the
+        method: passed to :func:`pof_fast.line_search`, as are ``direction``, ``init_step``, ``max_step``, ``partitions``,
+            ``ignore_index``, ``backend`` (checked here) and ``validate``. On CUDA, ``validate=True`` reads the
             search's finiteness flag at the next ``perturb`` (no stall); a search on bad data does not perturb
             the head, and that next call raises the ``ValueError`` naming the bad argument.
         on_capped: ``"skip"`` applies no perturbation when the search was capped (as the reference
