@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU check, part 1 of 3: correctness. Useful on its own: the build and every GPU test.
+#   OUT=/some/folder bash benchmarks/gpu/part1.sh      (DRY_RUN=1: the stages and their limits; benchmarks/GPU_CHECK.md)
+#
+# Side by side: the in-place CUDA build of the extension, and the Triton tests (GPU-marked `triton`, `triton_aot`:
+# they do not use the extension). Then, side by side: every other `cuda`-marked test (graph capture, sync-debug,
+# fp16 + GradScaler, the fp16 Trainer, the cuda float64 oracle, sharded heads, ...: whatever carries the marker)
+# against the fresh build; the CPU suites that load that build; whether a C++ exception crashes there; and the
+# large 16-bit heads' error against the float64 oracle (benchmarks/accuracy_16bit.py). Nothing here is a timing.
+# Files in $OUT: part1.json part1.log build.log tests.log tests_ext.log accuracy.log gpu-ext.tar.gz (the build, to
+# carry to a fresh machine).
+# shellcheck source=benchmarks/gpu/lib.sh
+. "$(dirname "$0")/lib.sh"
+WORKERS=${WORKERS:-8}  # pytest workers: 8 of the lent machine's 16 cores, one OpenMP thread each
+# A hung test fails alone (pytest-timeout, where installed) instead of taking its stage's whole limit.
+TEST_TIMEOUT=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+  TEST_TIMEOUT=(--timeout=60)
+fi
+export OMP_NUM_THREADS=1  # nothing in this part is timed
+PYTEST=("$PY" -m pytest -v -rfE -p no:cacheprovider "${TEST_TIMEOUT[@]}")
+BACKEND=cuda
+[ "$DEVICE" = cuda ] || BACKEND=cpp
+
+part_begin 1 "correctness: the CUDA build, every GPU-marked test, the 16-bit accuracy"
+stage_bg build "$BUILD_LIMIT_S" build.log bash benchmarks/gpu/build.sh
+# No POF_FAST_REQUIRE_EXT here: these tests never load the extension, which is being built beside them.
+stage_bg tests_triton 115 tests.log env -u POF_FAST_REQUIRE_EXT "${PYTEST[@]}" -n "$WORKERS" \
+  -m "triton or triton_aot" tests
+stage_wait
+stage_bg tests_cuda 100 tests.log "${PYTEST[@]}" -n "$WORKERS" -m "cuda and not triton" tests
+stage_bg tests_ext 70 tests_ext.log "${PYTEST[@]}" -n 4 tests/test_cpp.py tests/test_line_search.py \
+  tests/test_optim.py tests/test_package.py
+stage_bg exceptions 30 part1.log "$PY" benchmarks/gpu/exception_probe.py
+stage_bg accuracy 60 accuracy.log "$PY" benchmarks/accuracy_16bit.py --backend "$BACKEND"
+part_end
