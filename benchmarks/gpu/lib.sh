@@ -7,8 +7,8 @@
 #
 # Environment:
 #   OUT        the folder whose files come back (required, except with DRY_RUN=1)
-#   DRY_RUN=1  print each stage with its limit and the part's bound (the sum of the limits along the stages run
-#              one after another; side-by-side stages count once, the longest), run nothing
+#   DRY_RUN=1  print each stage with its limit and the part's bound (the sum of the limits, plus GRACE_S each,
+#              along the stages run one after another; side-by-side stages count once, the longest), run nothing
 #   STAGES     comma-separated stage names: run only these (e.g. STAGES=bench_d to rerun one stage)
 #   BUILD=0    parts 2 and 3: neither check nor build the extension (part 1: leave out its build stage with STAGES)
 #   DEVICE     cuda (default); cpu rehearses the same commands on small sizes on a machine without a GPU
@@ -22,12 +22,16 @@ PART_LIMIT_S=240
 # The in-place build of the extension, when a part finds none for these sources (benchmarks/gpu/build.sh).
 BUILD_LIMIT_S=120
 CHECK_LIMIT_S=30
+# A stage still running GRACE_S after its limit is killed (timeout -k); the bound counts it for every stage.
+GRACE_S=2
+# shellcheck disable=SC2034  # PY: used by the parts that source this file
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 DRY_RUN=${DRY_RUN:-0}
 STAGES=${STAGES:-}
 if [ "$DRY_RUN" = 1 ]; then
-  OUT=${OUT:-'$OUT'}  # printed as it stands
+  # shellcheck disable=SC2016  # the name itself, printed in the commands
+  OUT=${OUT:-'$OUT'}
 fi
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 if [ "$DEVICE" = cuda ]; then
@@ -78,6 +82,7 @@ write_json() {
 }
 
 quoted() {  # the command as one would type it
+  # shellcheck disable=SC2016  # sed's $OUT is the printed name
   printf '%q ' "$@" | sed 's/ $//; s/\\\$OUT/$OUT/g; s/\\,/,/g'
 }
 
@@ -90,7 +95,7 @@ run_stage() {
   local name=$1 limit=$2 log=$3 start=$SECONDS rc status
   shift 3
   echo "=== stage $name (limit $limit s, $(date -u +%H:%M:%S) UTC): $(quoted "$@")" >> "$OUT/$log"
-  timeout -k 5 "$limit" "$@" >> "$OUT/$log" 2>&1
+  timeout -k "$GRACE_S" "$limit" "$@" >> "$OUT/$log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -108,7 +113,7 @@ run_stage() {
 # stage NAME LIMIT LOG CMD...: one stage, after the ones before it; returns CMD's exit status.
 stage() {
   selected "$1" || return 0
-  CLOCK=$((CLOCK + $2))
+  CLOCK=$((CLOCK + $2 + GRACE_S))
   if [ "$DRY_RUN" = 1 ]; then
     printf '  %-13s %4s s  %s\n' "$1" "$2" "$(quoted "${@:4}")"
     return 0
@@ -119,7 +124,7 @@ stage() {
 # stage_bg NAME LIMIT LOG CMD...: one stage started beside the others; stage_wait waits for all of them.
 stage_bg() {
   selected "$1" || return 0
-  local end=$((CLOCK + $2))
+  local end=$((CLOCK + $2 + GRACE_S))
   [ "$end" -le "$BG_END" ] || BG_END=$end
   if [ "$DRY_RUN" = 1 ]; then
     printf '  %-13s %4s s  (side by side) %s\n' "$1" "$2" "$(quoted "${@:4}")"
@@ -139,6 +144,7 @@ stage_wait() {
   fi
   [ "${#BG_PIDS[@]}" -eq 0 ] || wait "${BG_PIDS[@]}"
   BG_PIDS=()
+  write_json false
 }
 
 # ensure_build: parts 2 and 3 check for the extension's build (CHECK_LIMIT_S, on the part's bound) and build it only
@@ -146,20 +152,20 @@ stage_wait() {
 # STAGES does not skip them; BUILD=0 does (the extension is left as it is).
 ensure_build() {
   [ "${BUILD:-1}" != 0 ] || return 0
-  CLOCK=$((CLOCK + CHECK_LIMIT_S))
+  CLOCK=$((CLOCK + CHECK_LIMIT_S + GRACE_S))
   if [ "$DRY_RUN" = 1 ]; then
-    BUILD_EXTRA=$BUILD_LIMIT_S
+    BUILD_EXTRA=$((BUILD_LIMIT_S + GRACE_S))
     printf '  %-13s %4s s  bash benchmarks/gpu/build.sh --check (the machine and the build there)\n' check \
       "$CHECK_LIMIT_S"
     printf '  %-13s %4s s  only where the check finds no build: bash benchmarks/gpu/build.sh\n' build \
       "$BUILD_LIMIT_S"
     return 0
   fi
-  if timeout -k 5 "$CHECK_LIMIT_S" bash benchmarks/gpu/build.sh --check >> "$OUT/$LOG" 2>&1; then
+  if timeout -k "$GRACE_S" "$CHECK_LIMIT_S" bash benchmarks/gpu/build.sh --check >> "$OUT/$LOG" 2>&1; then
     say "check: the tree holds the extension built for these sources (details in $LOG)"
   else
     say "check: no build of these sources here: building"
-    BUILD_EXTRA=$BUILD_LIMIT_S
+    BUILD_EXTRA=$((BUILD_LIMIT_S + GRACE_S))
     run_stage build "$BUILD_LIMIT_S" build.log bash benchmarks/gpu/build.sh
   fi
 }
@@ -170,7 +176,7 @@ part_end() {
   if [ "$DRY_RUN" = 1 ]; then
     local fits=fits
     [ "$CLOCK" -lt "$PART_LIMIT_S" ] || fits=OVER
-    echo "part $PART bound: $CLOCK s (limit $PART_LIMIT_S s: $fits)"
+    echo "part $PART bound: $CLOCK s (limit $PART_LIMIT_S s: $fits; the limits plus $GRACE_S s each to kill)"
     [ "$BUILD_EXTRA" = 0 ] || echo "part $PART bound with the build: $((CLOCK + BUILD_EXTRA)) s"
     return 0
   fi

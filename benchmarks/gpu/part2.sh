@@ -17,6 +17,6 @@ part_begin 2 "headline timings: A-C and D against the loop, eager, compile and t
 ensure_build
 stage bench_abc 65 part2.log "$PY" benchmarks/run.py --device "$DEVICE" --cases A,B,C --quick \
   --json "$OUT/bench_abc.json"
-stage bench_d 105 part2.log "$PY" benchmarks/run.py --device "$DEVICE" --cases D --json "$OUT/bench_d.json"
-stage step 35 part2.log "$PY" benchmarks/step.py --device "$DEVICE" "${STEP[@]}" --json "$OUT/step.json"
+stage bench_d 100 part2.log "$PY" benchmarks/run.py --device "$DEVICE" --cases D --json "$OUT/bench_d.json"
+stage step 33 part2.log "$PY" benchmarks/step.py --device "$DEVICE" "${STEP[@]}" --json "$OUT/step.json"
 part_end
