@@ -13,19 +13,18 @@
 . "$(dirname "$0")/lib.sh"
 LM_STEP=(--vocab 128256 --hidden 2048 --layers 4 --seq 1024 --batch 4 --bf16)
 LM_HEAD=(--tokens 4096 --dim 4096 --classes 128256 --budget 3)
-SWEEP=()
+SWEEP=("$PY" benchmarks/sweep.py --device "$DEVICE")
 if [ "$DEVICE" != cuda ]; then  # the CPU rehearsal: the same commands on small sizes
   LM_STEP=(--vocab 512 --hidden 64 --layers 1 --seq 32 --batch 2 --steps 1 --warmup 1)
   LM_HEAD=(--tokens 64 --dim 32 --classes 1000 --budget 0.1)
-  SWEEP=(--quick)
-  export TRITON_INTERPRET=1
+  SWEEP=(env TRITON_INTERPRET=1 "${SWEEP[@]}" --quick)  # the Triton kernels in Triton's interpreter
 fi
 
 part_begin 3 "language models and sweeps: the Trainer step's split, the LM head, launch sweeps, Newton plans"
 ensure_build
 stage lm_step 62 part3.log "$PY" benchmarks/lm_step.py --device "$DEVICE" "${LM_STEP[@]}" --json "$OUT/lm_step.json"
 stage lm_head 30 part3.log "$PY" benchmarks/lm_head.py --device "$DEVICE" "${LM_HEAD[@]}" --json "$OUT/lm_head.json"
-stage sweep 68 part3.log "$PY" benchmarks/sweep.py --device "$DEVICE" "${SWEEP[@]}" --json "$OUT/sweep.json"
+stage sweep 68 part3.log "${SWEEP[@]}" --json "$OUT/sweep.json"
 # plan_sweep.py comes with branch i24 (issue 24's search plans); the root on PYTHONPATH for its imports of the tree.
 stage plan_sweep 36 part3.log env PYTHONPATH="$PWD" "$PY" benchmarks/plan_sweep.py --device "$DEVICE" --json "$OUT/plan_sweep.json"
 part_end
