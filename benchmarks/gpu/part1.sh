@@ -11,7 +11,13 @@
 # carry to a fresh machine).
 # shellcheck source=benchmarks/gpu/lib.sh
 . "$(dirname "$0")/lib.sh"
-WORKERS=${WORKERS:-8}  # pytest workers: 8 of the lent machine's 16 cores, one OpenMP thread each
+# pytest workers (pytest-xdist, where installed: the lent machine's image has it): 8 of its 16 cores, one OpenMP
+# thread each, and half of that for the CPU suites that run beside the other GPU tests.
+WORKERS=${WORKERS:-8}
+XDIST=() XDIST_HALF=()
+if "$PY" -c "import xdist" 2> /dev/null; then
+  XDIST=(-n "$WORKERS") XDIST_HALF=(-n "$((WORKERS / 2))")
+fi
 # A hung test fails alone (pytest-timeout, where installed) instead of taking its stage's whole limit.
 TEST_TIMEOUT=()
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then
@@ -25,11 +31,11 @@ BACKEND=cuda
 part_begin 1 "correctness: the CUDA build, every GPU-marked test, the 16-bit accuracy"
 stage_bg build "$BUILD_LIMIT_S" build.log bash benchmarks/gpu/build.sh
 # No POF_FAST_REQUIRE_EXT here: these tests never load the extension, which is being built beside them.
-stage_bg tests_triton 115 tests.log env -u POF_FAST_REQUIRE_EXT "${PYTEST[@]}" -n "$WORKERS" \
+stage_bg tests_triton 115 tests.log env -u POF_FAST_REQUIRE_EXT "${PYTEST[@]}" "${XDIST[@]}" \
   -m "triton or triton_aot" tests
 stage_wait
-stage_bg tests_cuda 100 tests.log "${PYTEST[@]}" -n "$WORKERS" -m "cuda and not triton" tests
-stage_bg tests_ext 70 tests_ext.log "${PYTEST[@]}" -n 4 tests/test_cpp.py tests/test_line_search.py \
+stage_bg tests_cuda 100 tests.log "${PYTEST[@]}" "${XDIST[@]}" -m "cuda and not triton" tests
+stage_bg tests_ext 70 tests_ext.log "${PYTEST[@]}" "${XDIST_HALF[@]}" tests/test_cpp.py tests/test_line_search.py \
   tests/test_optim.py tests/test_package.py
 stage_bg exceptions 30 part1.log "$PY" benchmarks/gpu/exception_probe.py
 stage_bg accuracy 60 accuracy.log "$PY" benchmarks/accuracy_16bit.py --backend "$BACKEND"
