@@ -11,7 +11,9 @@
 #              along the stages run one after another; side-by-side stages count once, the longest), run nothing
 #   STAGES     comma-separated stage names: run only these (e.g. STAGES=bench_d to rerun one stage)
 #   BUILD=0    parts 2 and 3: neither check nor build the extension (part 1: leave out its build stage with STAGES)
-#   DEVICE     cuda (default); cpu rehearses the same commands on small sizes on a machine without a GPU
+#   DEVICE     cuda (default); cpu rehearses the same commands on small sizes on a machine without a GPU, each
+#              stage given LIMIT_SCALE (default 5 there) times its limit: a rehearsal proves the commands and files,
+#              not the limits (the bounds printed stay the GPU's)
 #   PYTHON     the interpreter (default python3)
 # shellcheck shell=bash
 
@@ -35,7 +37,10 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 if [ "$DEVICE" = cuda ]; then
+  LIMIT_SCALE=${LIMIT_SCALE:-1}
   export POF_FAST_REQUIRE_EXT=1  # a benchmark never falls back silently to the torch backend
+else
+  LIMIT_SCALE=${LIMIT_SCALE:-5}
 fi
 
 # part_begin N TITLE: start part N (its log partN.log and its JSON partN.json under $OUT).
@@ -92,7 +97,7 @@ selected() {
 
 # run_stage NAME LIMIT LOG CMD...: run CMD under timeout, append its output to $OUT/LOG, record it.
 run_stage() {
-  local name=$1 limit=$2 log=$3 start=$SECONDS rc status
+  local name=$1 limit=$(($2 * LIMIT_SCALE)) log=$3 start=$SECONDS rc status
   shift 3
   echo "=== stage $name (limit $limit s, $(date -u +%H:%M:%S) UTC): $(quoted "$@")" >> "$OUT/$log"
   timeout -k "$GRACE_S" "$limit" "$@" >> "$OUT/$log" 2>&1
