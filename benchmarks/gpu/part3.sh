@@ -26,5 +26,6 @@ stage lm_step 62 part3.log "$PY" benchmarks/lm_step.py --device "$DEVICE" "${LM_
 stage lm_head 30 part3.log "$PY" benchmarks/lm_head.py --device "$DEVICE" "${LM_HEAD[@]}" --json "$OUT/lm_head.json"
 stage sweep 68 part3.log "${SWEEP[@]}" --json "$OUT/sweep.json"
 # plan_sweep.py comes with branch i24 (issue 24's search plans); the root on PYTHONPATH for its imports of the tree.
-stage plan_sweep 36 part3.log env PYTHONPATH="$PWD" "$PY" benchmarks/plan_sweep.py --device "$DEVICE" --json "$OUT/plan_sweep.json"
+stage plan_sweep 36 part3.log env PYTHONPATH="$PWD" "$PY" benchmarks/plan_sweep.py --device "$DEVICE" \
+  --json "$OUT/plan_sweep.json"
 part_end
