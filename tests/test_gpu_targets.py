@@ -122,6 +122,7 @@ def test_files_and_folders_of_a_run(tmp_path):
     """A folder's JSON files are judged by kind; a part's record and a sweep are left out."""
     files = {"step.json": step_result(0.02, 0.0003), "lm_step.json": lm_step_result(),
              "part2.json": {"part": 2, "stages": [], "seconds": 3}, "sweep.json": {"meta": {}, "rows": []},
+             "targets.json": [{"case": "A"}],
              "bench_abc.json": bench({"A": {"rows": [row("backend", "cuda", "bracket_grid", 1e-4, 40.0)]}})}
     for name, content in files.items():
         (tmp_path / name).write_text(json.dumps(content))

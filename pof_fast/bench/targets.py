@@ -154,7 +154,7 @@ def trainer_split(result: Dict[str, Any]) -> Dict[str, Any]:
     None); ``value`` is the PoF step over the plain one."""
     args, seconds = result["args"], result["seconds"]
     plain = seconds["plain step"]
-    mode = ", ".join(f"{k} {args[k]}" for k in ("method", "search") if k in args)
+    mode = ", ".join(f"{k} {args[k]}" for k in ("method", "search", "search_data") if k in args)  # the search modes
     parts = "; ".join(f"{name} {s * 1e3:.1f} ms ({s / plain:.2f}x)" for name, s in seconds.items())
     backend = auto_backend(args["device"], result["environment"]["backends"])
     return dict(case="Trainer step", backend=backend, timing="call",
@@ -180,6 +180,8 @@ def judge_results(results: Results) -> List[Dict[str, Any]]:
     are left out."""
     out = []
     for source, data in results:
+        if not isinstance(data, dict):
+            continue
         if "cases" in data and "device" in data:
             device = data["device"]
             judged = judge_targets(device, data["cases"], auto_backend(device, data["env"]["backends"]))
