@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -20,8 +21,9 @@ def bash(script, **env):
     pof_fast of a fresh clone has no extension: the CPU rehearsal falls back to the torch backend)."""
     base = {k: v for k, v in os.environ.items()
             if k not in ("POF_FAST_REQUIRE_EXT", "OUT", "STAGES", "DRY_RUN", "DEVICE", "BUILD")}
-    return subprocess.run(["bash", script], cwd=ROOT, env={**base, **{k: str(v) for k, v in env.items()}}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    env = {**base, "PYTHON": sys.executable, **{k: str(v) for k, v in env.items()}}
+    return subprocess.run(["bash", script], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=300)
 
 
 def grace_s():
