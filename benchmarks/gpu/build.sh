@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu/build.sh           build when needed; with OUT set, also write $OUT/gpu-ext.tar.gz
 #   bash benchmarks/gpu/build.sh --check   print the machine; exit 0 when the tree holds a build of these sources
 #
-# "A build of these sources": build/gpu-ext.stamp holds the hash of setup.py, pyproject.toml, csrc/, torch's and
+# "A build of these sources": build/gpu-ext.stamp holds the hash of setup.py, csrc/, torch's and
 # CUDA's versions, the architecture list and DEVICE, and pof_fast._C loads (with its CUDA kernels for DEVICE=cuda).
 # A build/gpu-ext.tar.gz carried from an earlier part's $OUT (the module and its stamp) is unpacked first, so a fresh
 # machine with the same image skips the compile. A rebuild on a machine that keeps build/ is incremental (ninja).
@@ -43,7 +43,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'built', int(built
 
 sources_hash() {  # $1: the "torch VERSION cuda VERSION" of this machine
   {
-    cat setup.py pyproject.toml
+    cat setup.py
     find csrc -type f -print0 | LC_ALL=C sort -z | xargs -0 cat
     echo "$1 archs $ARCHS device $DEVICE"
   } | sha256sum | cut -c1-64
