@@ -4,10 +4,11 @@
 #   bash benchmarks/gpu/build.sh           build when needed; with OUT set, also write $OUT/gpu-ext.tar.gz
 #   bash benchmarks/gpu/build.sh --check   print the machine; exit 0 when the tree holds a build of these sources
 #
-# "A build of these sources": build/gpu-ext.stamp holds the hash of setup.py, csrc/, torch's and
-# CUDA's versions, the architecture list and DEVICE, and pof_fast._C loads (with its CUDA kernels for DEVICE=cuda).
-# A build/gpu-ext.tar.gz carried from an earlier part's $OUT (the module and its stamp) is unpacked first, so a fresh
-# machine with the same image skips the compile. A rebuild on a machine that keeps build/ is incremental (ninja).
+# "A build of these sources": build/gpu-ext.stamp holds the hash of setup.py, csrc/, torch's and CUDA's versions,
+# the architecture list and DEVICE, and pof_fast._C loads (with its CUDA kernels for DEVICE=cuda). Where the tree
+# holds no such build, a build/gpu-ext.tar.gz carried from an earlier part's $OUT (the module and its stamp) is
+# unpacked, so a fresh machine with the same image skips the compile. A rebuild on a machine that keeps build/ is
+# incremental (ninja).
 # In place, not `pip install`: the tests and benchmarks/*.py import the tree's pof_fast (the repository root comes
 # first on their sys.path), so that is the copy that must hold the extension.
 set -u
