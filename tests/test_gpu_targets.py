@@ -100,22 +100,32 @@ def test_search_share_of_a_training_step():
     assert not judge_step(step_result(1.0, 0.06, gpu=False))["met"]
 
 
-def lm_step_result(search=None):
+def lm_step_result():
+    """benchmarks/lm_step.py's JSON: the plain and PoF steps, and the parts timed alone."""
     args = dict(vocab=128256, hidden=2048, layers=4, seq=1024, batch=4, bf16=True, method="newton", device="cuda")
-    if search:
-        args["search"] = search
     seconds = {"plain step": 0.200, "pof step": 0.260, "search forward": 0.040, "search": 0.015}
     return {"environment": {"backends": CUDA_RUN}, "args": args, "seconds": seconds, "plain_steps": [0.2],
             "pof_steps": [0.26]}
 
 
 def test_trainer_step_split_is_reported_without_a_threshold():
-    split = trainer_split(lm_step_result("previous"))
+    (split,) = trainer_split(lm_step_result())
     assert split["met"] is None and split["value"] == pytest.approx(1.3) and split["backend"] == "cuda"
-    assert "pof step 260.0 ms (1.30x)" in split["what"] and "search 15.0 ms (0.07x)" in split["what"]
-    assert "method newton, search previous" in split["what"] and "vocabulary 128256" in split["what"]
+    assert "pof step, method newton 260.0 ms = 1.30x the plain step (200.0 ms)" in split["what"]
+    assert "alone: search forward 40.0 ms; search 15.0 ms" in split["what"] and "vocabulary 128256" in split["what"]
     assert format_target(split).endswith(": reported")
     assert format_target(dict(split, met=False)).endswith(": MISSED")
+
+
+def test_trainer_split_of_each_search_mode():
+    """lm_step.py with several methods and search modes (--method, --search): one row per PoF run."""
+    result = lm_step_result()
+    result["seconds"] = {"plain": 0.2, "pof newton fresh": 0.3, "pof newton previous": 0.22}
+    result["parts"] = {"search forward": 0.04, "search newton": 0.015}
+    rows = {t["what"].split(": ")[1].split(" ")[2]: t for t in trainer_split(result)}
+    assert set(rows) == {"fresh", "previous"}
+    assert rows["previous"]["value"] == pytest.approx(1.1) and rows["fresh"]["value"] == pytest.approx(1.5)
+    assert "alone: search forward 40.0 ms; search newton 15.0 ms" in rows["fresh"]["what"]
 
 
 def test_files_and_folders_of_a_run(tmp_path):

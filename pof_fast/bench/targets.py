@@ -149,18 +149,31 @@ def judge_step(result: Dict[str, Any]) -> Dict[str, Any]:
                 what=f"the search with the default checks <= {most:.0%} of an SGD step ({device}): {got:.2%}")
 
 
-def trainer_split(result: Dict[str, Any]) -> Dict[str, Any]:
-    """Where a PoF Trainer step's time goes (``benchmarks/lm_step.py``'s JSON): reported, no threshold (``met`` is
-    None); ``value`` is the PoF step over the plain one."""
+def trainer_split(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Where a PoF Trainer step's time goes (``benchmarks/lm_step.py``'s JSON), one row per PoF run (each method and
+    search mode run): reported, no threshold (``met`` is None); ``value`` is that step over the plain one. Steps are
+    ``seconds`` (``"plain"`` or ``"plain step"``, ``"pof ..."``); the parts timed alone are the other ``seconds``
+    and ``parts``."""
     args, seconds = result["args"], result["seconds"]
-    plain = seconds["plain step"]
-    mode = ", ".join(f"{k} {args[k]}" for k in ("method", "search", "search_data") if k in args)  # the search modes
-    parts = "; ".join(f"{name} {s * 1e3:.1f} ms ({s / plain:.2f}x)" for name, s in seconds.items())
+    plain_name = "plain" if "plain" in seconds else "plain step"
+    plain = seconds[plain_name]
+    runs = {name: s for name, s in seconds.items() if name.startswith("pof")}
+    alone = {name: s for name, s in seconds.items() if name != plain_name and name not in runs}
+    alone.update(result.get("parts", {}))
+    shape = (f"vocabulary {args['vocab']}, hidden {args['hidden']}, {args['layers']} layers, {args['batch']} x "
+             f"{args['seq']} tokens, {'bf16' if args['bf16'] else 'fp32'}")
+    parts = "; ".join(f"{name} {s * 1e3:.1f} ms" for name, s in alone.items())
     backend = auto_backend(args["device"], result["environment"]["backends"])
-    return dict(case="Trainer step", backend=backend, timing="call",
-                baseline="plain step", value=seconds["pof step"] / plain, met=None,
-                what=f"vocabulary {args['vocab']}, hidden {args['hidden']}, {args['layers']} layers, "
-                     f"{args['batch']} x {args['seq']} tokens, {'bf16' if args['bf16'] else 'fp32'}, {mode}: {parts}")
+    return [dict(case="Trainer step", backend=backend, timing="call", baseline="plain step", value=s / plain,
+                 met=None, what=f"{shape}: {name if name != 'pof step' else 'pof step, method ' + args['method']} "
+                                f"{s * 1e3:.1f} ms = {s / plain:.2f}x the plain step ({plain * 1e3:.1f} ms); "
+                                f"alone: {parts}")
+            for name, s in runs.items()]
+
+
+def _is_trainer_run(data: Dict[str, Any]) -> bool:
+    seconds = data.get("seconds")
+    return "args" in data and isinstance(seconds, dict) and ("plain" in seconds or "plain step" in seconds)
 
 
 Results = List[Tuple[str, Dict[str, Any]]]
@@ -187,8 +200,8 @@ def judge_results(results: Results) -> List[Dict[str, Any]]:
             judged = judge_targets(device, data["cases"], auto_backend(device, data["env"]["backends"]))
         elif "search_share_of_sgd" in data:
             judged = [judge_step(data)]
-        elif "pof_steps" in data:
-            judged = [trainer_split(data)]
+        elif _is_trainer_run(data):
+            judged = trainer_split(data)
         else:
             continue
         out += [dict(target, source=source) for target in judged]
