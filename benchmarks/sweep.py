@@ -16,15 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from pof_fast import _ext, reference
-from pof_fast._types import HALF_DTYPES
-from pof_fast.backends.triton import load_kernels
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pof_fast import _ext, reference  # noqa: E402
+from pof_fast._types import HALF_DTYPES  # noqa: E402
+from pof_fast.backends.triton import load_kernels  # noqa: E402
 
 # family -> (module, {setting: values}, cases): small grids, so the sweep fits a short GPU stage. Module: a
 # kernels/ module (Triton) or "cuda" (the extension's launch settings).

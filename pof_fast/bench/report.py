@@ -59,4 +59,6 @@ def format_case(case: Dict[str, Any]) -> str:
 
 
 def format_target(target: Dict[str, Any]) -> str:
-    return f"target {target['case']}: {target['what']}: {'met' if target['met'] else 'MISSED'}"
+    """One line per target: met, MISSED, or reported (a number without a threshold: ``met`` is None)."""
+    verdict = "reported" if target["met"] is None else "met" if target["met"] else "MISSED"
+    return f"target {target['case']}: {target['what']}: {verdict}"
