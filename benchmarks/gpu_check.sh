@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: build, GPU tests and benchmarks on a lent H100/H200, in three parts of under 4 minutes each, so that
-# each fits one call of the device tool and a part that fails can be run again alone (benchmarks/GPU_CHECK.md).
+# each fits one call of the device tool and a part that fails can be run again alone (docs/gpu-check.md).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh 1    correctness: build, every GPU-marked test, 16-bit accuracy
 #   OUT=/some/folder bash benchmarks/gpu_check.sh 2    headline timings: A-C, D, the WRN-28-10 step

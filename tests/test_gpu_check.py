@@ -12,7 +12,7 @@ import pytest
 from repo_path import ROOT
 
 GPU = os.path.join(ROOT, "benchmarks", "gpu")
-PART_LIMIT_S = 240  # a part fits 4 minutes of the lent GPU's 15 (benchmarks/GPU_CHECK.md)
+PART_LIMIT_S = 240  # a part fits 4 minutes of the lent GPU's 15 (docs/gpu-check.md)
 CALL_LIMIT_S = 600  # one device call
 
 

@@ -19,7 +19,7 @@
 
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
-# A part must fit a 4-minute slot of the lent GPU's 15 minutes (benchmarks/GPU_CHECK.md).
+# A part must fit a 4-minute slot of the lent GPU's 15 minutes (docs/gpu-check.md).
 PART_LIMIT_S=240
 # The in-place build of the extension, when a part finds none for these sources (benchmarks/gpu/build.sh).
 BUILD_LIMIT_S=120

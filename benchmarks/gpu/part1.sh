@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, part 1 of 3: correctness. Useful on its own: the build and every GPU test.
-#   OUT=/some/folder bash benchmarks/gpu/part1.sh      (DRY_RUN=1: the stages and their limits; benchmarks/GPU_CHECK.md)
+#   OUT=/some/folder bash benchmarks/gpu/part1.sh      (DRY_RUN=1: the stages and their limits; docs/gpu-check.md)
 #
 # Side by side: the in-place CUDA build of the extension, and the Triton tests (GPU-marked `triton`, `triton_aot`:
 # they do not use the extension). Then, side by side: every other `cuda`-marked test (graph capture, sync-debug,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, part 2 of 3: the headline timings, every timed target of issue 27 but the Trainer step's split.
-#   OUT=/some/folder bash benchmarks/gpu/part2.sh      (DRY_RUN=1: the stages and their limits; benchmarks/GPU_CHECK.md)
+#   OUT=/some/folder bash benchmarks/gpu/part2.sh      (DRY_RUN=1: the stages and their limits; docs/gpu-check.md)
 #
 # The search on SPEC cases A-C and D: every backend against the reference loop, eager and torch.compile, each
 # backend's floor, CUDA graph replays on A-C (benchmarks/run.py; A-C on its short budget: 50 ms of do_bench

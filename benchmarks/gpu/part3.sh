@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, part 3 of 3: language models and sweeps.
-#   OUT=/some/folder bash benchmarks/gpu/part3.sh      (DRY_RUN=1: the stages and their limits; benchmarks/GPU_CHECK.md)
+#   OUT=/some/folder bash benchmarks/gpu/part3.sh      (DRY_RUN=1: the stages and their limits; docs/gpu-check.md)
 #
 # A Trainer step of a random Llama (bf16, vocabulary 128256) with and without PoF (each search mode), and its split
 # (benchmarks/lm_step.py); a D-shaped LM-head search against that head's forward+backward, with its memory in
