@@ -325,6 +325,11 @@ class PoF(torch.optim.Optimizer):
         features, target = self._search_rows(features, target, "")
         self._telemetry.recorded = (features.detach(), target)
 
+    @property
+    def recorded(self) -> Optional[tuple[Tensor, Tensor]]:
+        """``(features [n, D], target [n])`` kept by :meth:`record` for the next :meth:`perturb` (None: none)."""
+        return self._telemetry.recorded
+
     def _take_recorded(self) -> tuple[Tensor, Tensor]:
         """The batch :meth:`record` kept, dropped from PoF (a ValueError when there is none)."""
         recorded, self._telemetry.recorded = self._telemetry.recorded, None

@@ -52,7 +52,7 @@ def test_perturb_without_a_batch_searches_the_last_recorded_training_batch_exact
             coef = opt.last.gamma.float() * opt.last.applied_step
             assert torch.equal(head.weight, theta0[0] - coef * want.weight_direction)
         features = train(opt, phi, head, x, y)
-        recorded = opt._telemetry.recorded
+        recorded = opt.recorded
         assert recorded[0].data_ptr() == features.data_ptr() and not recorded[0].requires_grad  # detached, no copy
         previous = (features, y)
     assert opt.summary()["perturbations"] == 5 and torch.equal(head.weight, theta0[0])
@@ -67,7 +67,7 @@ def test_only_the_last_batch_is_kept_and_a_search_drops_it():
         opt.record(phi(x2).reshape(2, 8, 12), y2.reshape(2, 8))  # [..., D] token batches too; replaces the first
         want = pof_fast.line_search(phi(x2), opt.theta0_weight, opt.theta0_bias, y2)
     assert torch.equal(opt.perturb().step, want.step)
-    assert opt._telemetry.recorded is None  # nothing kept beyond the batch searched
+    assert opt.recorded is None  # nothing kept beyond the batch searched
     opt.restore()
     with pytest.raises(ValueError, match="none was recorded.*first step"):
         opt.perturb()
@@ -82,7 +82,7 @@ def test_record_checks_its_arguments_by_name():
         opt.record(torch.randn(3, 12), torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="search_features must be a torch.Tensor"):
         opt.perturb(None, torch.zeros(3, dtype=torch.long))
-    assert opt._telemetry.recorded is None
+    assert opt.recorded is None
 
 
 def test_state_dict_carries_the_recorded_batch_so_a_resumed_loop_continues_exactly():
@@ -122,7 +122,7 @@ def test_a_state_dict_without_a_recorded_batch_loads():
     assert state["recorded"] is None
     del state["recorded"]  # a checkpoint written before the previous-batch search
     opt.load_state_dict(state)
-    assert opt._telemetry.recorded is None
+    assert opt.recorded is None
 
 
 @pytest.mark.filterwarnings("ignore:pof_fast.PoF.step\\(\\) ran but perturb\\(\\) was never called")  # step 1
