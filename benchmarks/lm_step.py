@@ -17,6 +17,7 @@ parts with ``pof_fast.bench.timing.time_call``.
 
     python benchmarks/lm_step.py --threads 2 --json lm_step_cpu.json
     python benchmarks/lm_step.py --threads 2 --method newton,bracket_grid --search fresh,previous --rounds 2
+    python benchmarks/lm_step.py --threads 2 --method newton,bracket_grid --split --rounds 5   # parts, alternated
     python benchmarks/lm_step.py --device cuda --vocab 128256 --bf16      # on a GPU
 """
 from __future__ import annotations
@@ -112,6 +113,64 @@ def timed_run(args, method, search):
     return trainer_steps(model, pof, args, [callback]), model, pof
 
 
+def once(fn, device) -> float:
+    """Seconds of one call of ``fn``."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def split(args) -> dict:
+    """``--split``: the parts of a step timed round after round in one process (robust to a loaded machine's drift):
+    a plain training step (forward, backward, AdamW step; no Trainer), the search forward and each method's search.
+    Per round, PoF's step over the plain one is estimated as 1 + (search forward + search) / plain with the fresh
+    search and 1 + search / plain with the previous batch's (no search forward); medians and ranges over rounds."""
+    from pof_fast.integrations.transformers import _search_rows
+
+    model, head = build(args)
+    params = [p for p in model.parameters() if p is not head.weight]
+    adamw = torch.optim.AdamW(params, lr=1e-5)
+    pof = pof_fast.PoF(params, torch.optim.SGD, head=head, lr=0.0, seed=0)
+    ids = Tokens(args.batch, args.seq, args.vocab).ids.to(args.device)
+    batch = {"input_ids": ids, "labels": ids}
+    model.train()
+
+    def plain():
+        adamw.zero_grad()
+        model(**batch).loss.backward()
+        adamw.step()
+
+    features, target = _search_rows(model, batch, -100)
+
+    def search(method):
+        pof.search_kwargs["method"] = method
+        pof.perturb(features, target)
+        pof.restore()
+
+    calls = {"plain": plain, "search forward": lambda: _search_rows(model, batch, -100),
+             **{f"search {m}": (lambda m=m: search(m)) for m in args.method.split(",")}}
+    for fn in calls.values():  # warm-up
+        fn()
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({name: once(fn, args.device) for name, fn in calls.items()})
+    estimates = {}
+    for m in args.method.split(","):
+        for search_mode, forward in (("fresh", 1), ("previous", 0)):
+            ratios = [1 + (forward * r["search forward"] + r[f"search {m}"]) / r["plain"] for r in rounds]
+            estimates[f"pof {m} {search_mode}"] = ratios
+    print(f"model: random Llama, {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}, {args.seq} "
+          f"tokens x batch {args.batch}, fp32, {args.device}, threads {torch.get_num_threads()}, {args.rounds} rounds")
+    for name in calls:
+        values = [r[name] for r in rounds]
+        print(f"{name:<26}{statistics.median(values) * 1e3:>10.1f} ms ({min(values) * 1e3:.0f}-{max(values) * 1e3:.0f})")
+    for name, ratios in estimates.items():
+        print(f"{name:<26} x plain {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+    return write_json(args.json, args.device, args=vars(args), rounds=rounds, estimates=estimates)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -126,6 +185,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--search", default="fresh", help="search batch(es), comma-separated: fresh (PoFCallback's "
                                                           "default), previous (search_data='previous')")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of all variants, alternated (A, B, A, B, ...)")
+    parser.add_argument("--split", action="store_true", help="time the parts alone, alternated in rounds (see split)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
@@ -135,6 +195,8 @@ def main(argv=None) -> dict:
         parser.error("--search takes fresh and/or previous; --warmup must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.split:
+        return split(args)
     from pof_fast.integrations.transformers import _mixed_precision, _search_rows
 
     steps = {name: [] for name, _, _ in variants(args)}

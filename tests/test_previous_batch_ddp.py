@@ -1,32 +1,15 @@
 """PoFCallback(search_data="previous") under torchrun, 2 gloo processes on the CPU (tests/hf_ddp_worker.py): every
 step after the first searches the union of the ranks' previous training batches, so both ranks perturb the head
 identically; checked against a hand call of line_search on the two ranks' recorded rows put together."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from repo_path import child_env
+from test_transformers_ddp import pytestmark, run_ranks  # noqa: F401  (its skip marks apply here too)
 
 import pof_fast
 
-pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-
-WORKER = Path(__file__).resolve().parent / "hf_ddp_worker.py"
-
 
 def test_trainer_under_torchrun_searches_the_union_of_the_ranks_previous_batches(tmp_path):
-    env = child_env({**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(tmp_path), "previous"]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\n"
-                                  f"stderr:\n{done.stderr[-3000:]}")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_ranks(tmp_path, "previous")
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(r["process_group"] and r["head_is_theta0"] for r in ranks)
     assert ranks[0]["searches"] == ranks[1]["searches"] and len(ranks[0]["searches"]) == 3
