@@ -165,7 +165,8 @@ def split(args) -> dict:
           f"tokens x batch {args.batch}, fp32, {args.device}, threads {torch.get_num_threads()}, {args.rounds} rounds")
     for name in calls:
         values = [r[name] for r in rounds]
-        print(f"{name:<26}{statistics.median(values) * 1e3:>10.1f} ms ({min(values) * 1e3:.0f}-{max(values) * 1e3:.0f})")
+        low, high = min(values) * 1e3, max(values) * 1e3
+        print(f"{name:<26}{statistics.median(values) * 1e3:>10.1f} ms ({low:.0f}-{high:.0f})")
     for name, ratios in estimates.items():
         print(f"{name:<26} x plain {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
     return write_json(args.json, args.device, args=vars(args), rounds=rounds, estimates=estimates)

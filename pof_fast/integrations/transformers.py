@@ -436,7 +436,6 @@ class PoFCallback(TrainerCallback):
             self._recorder.remove()
             self._recorder = None
 
-
     @staticmethod
     def _pof(optimizer: Any) -> PoF:
         pof = find_pof(optimizer)
