@@ -4,6 +4,7 @@
     python examples/transformers_pof.py --model PATH         # a local checkpoint (from_pretrained, nothing downloaded)
     python examples/transformers_pof.py --lora               # PoF over LoRA adapters (needs peft)
     torchrun --nproc_per_node 2 examples/transformers_pof.py # DDP: every rank searches the union of the search batches
+    python examples/transformers_pof.py --search-data previous # search the last training batch (docs/search-data.md)
 
 The data are synthetic token sequences from a fixed random bigram chain (each token has a few likely successors),
 so there is something to learn and nothing to download; the first tokens of every sequence act as a prompt the
@@ -96,7 +97,8 @@ def post_train(model: torch.nn.Module, data: Dataset, cli: argparse.Namespace, u
     pof = pof_fast.PoF(params, torch.optim.AdamW, head=model.get_output_embeddings(), lr=cli.lr, gamma=cli.gamma,
                        seed=cli.seed)
     Trainer(model=model, args=args, train_dataset=data, data_collator=collate, optimizers=(pof, None),
-            callbacks=[PoFCallback(batch_size=cli.search_batch_size, seed=cli.seed)]).train()
+            callbacks=[PoFCallback("previous" if cli.search_data == "previous" else None,
+                                   batch_size=cli.search_batch_size, seed=cli.seed)]).train()
     return pof.summary()
 
 
@@ -108,7 +110,9 @@ def main(argv: Optional[list] = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--gamma", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--search-batch-size", type=int, default=32)
+    parser.add_argument("--search-batch-size", type=int, default=32, help="rows of a fresh search batch")
+    parser.add_argument("--search-data", choices=["fresh", "previous"], default="fresh",
+                        help="previous: search the last training batch's rows (no search forward)")
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--lora", action="store_true", help="post-train LoRA adapters (q_proj, v_proj) instead")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")

@@ -76,6 +76,8 @@ class _Telemetry:
     warned_unperturbed: bool = False
     # validate=True on CUDA: (pinned host flag, event after it, features, target) of the last search, read later
     pending: Optional[tuple] = None
+    # (features [n, D], target [n]) of the last training batch, from record(); perturb() with no batch takes them
+    recorded: Optional[tuple[Tensor, Tensor]] = None
 
 
 def _check_head(head: object) -> nn.Linear:
@@ -269,23 +271,21 @@ class PoF(torch.optim.Optimizer):
             return extractor(*inputs)
 
     @torch.no_grad()
-    def perturb(self, search_features: Tensor, search_target: Tensor) -> LineSearchResult:
+    def perturb(self, search_features: Optional[Tensor] = None, search_target: Optional[Tensor] = None
+                ) -> LineSearchResult:
         """Search along the normalised head gradient of the search batch and perturb the head.
 
         search_features: ``[n, D]`` phi(x_s), or ``[..., D]`` token batches (e.g. a causal LM's ``[B, T, D]``
         hidden states, see :func:`pof_fast.causal_lm_rows`), any float dtype (promoted to the head's; no gradient
         needed). search_target: ``[n]`` (or ``[...]``) labels, ``ignore_index`` for rows that do not count.
+        Both omitted: the search runs on the last training batch given to :meth:`record` (and drops it).
         Sets the head to theta0 - gamma * t* * u; returns the search.
         Call it once per optimizer step (with gradient accumulation: once, before the micro-batches).
         """
-        check.row_features("search_features", search_features)
-        if search_features.shape[-1] != self.theta0_weight.shape[1]:
-            raise ValueError(
-                f"search_features must have shape [..., {self.theta0_weight.shape[1]}] (the head's in_features), "
-                f"got {list(search_features.shape)}"
-            )
-        search_target = check.target_tensor(search_target, search_features.shape[:-1])
-        search_features = search_features.reshape(-1, search_features.shape[-1])  # a view where it can be
+        if search_features is None and search_target is None:
+            search_features, search_target = self._take_recorded()
+        else:
+            search_features, search_target = self._search_rows(search_features, search_target, "search_")
         if self.search_kwargs["validate"] and not self._telemetry.head_checked:
             self._telemetry.head_checked = True
             self._warn_if_head_moved()
@@ -311,6 +311,45 @@ class PoF(torch.optim.Optimizer):
         record.sums.add_(stats.values())
         record.counts[0] += 1
         return result
+
+    def record(self, features: Tensor, target: Tensor) -> None:
+        """Keep the head's input and targets of this training forward: the next :meth:`perturb` with no
+        arguments searches on them (the previous-batch search, see ``docs/search-data.md``).
+
+        features: ``[n, D]`` or ``[..., D]`` (a causal LM: ``pof.record(*pof_fast.causal_lm_rows(hidden, labels))``),
+        target: ``[n]`` or ``[...]`` labels (``ignore_index`` for rows that do not count). Kept detached, without a
+        copy (views), until that ``perturb`` or the next ``record``, which replaces them: only the last batch is kept.
+        Call it after the last micro-batch's forward (or on every micro-batch: the last one wins). No host sync;
+        traceable by ``torch.compile(fullgraph=True)`` inside the training forward.
+        """
+        features, target = self._search_rows(features, target, "")
+        self._telemetry.recorded = (features.detach(), target)
+
+    @property
+    def recorded(self) -> Optional[tuple[Tensor, Tensor]]:
+        """``(features [n, D], target [n])`` kept by :meth:`record` for the next :meth:`perturb` (None: none)."""
+        return self._telemetry.recorded
+
+    def _take_recorded(self) -> tuple[Tensor, Tensor]:
+        """The batch :meth:`record` kept, dropped from PoF (a ValueError when there is none)."""
+        recorded, self._telemetry.recorded = self._telemetry.recorded, None
+        if recorded is None:
+            raise ValueError("perturb() without search_features and search_target searches the batch given to "
+                             "record() since the last perturb(), and none was recorded: record the training batch "
+                             "(pof.record(features, target)) after its forward, or pass a search batch (the first "
+                             "step has no previous batch: give it a fresh one)")
+        return recorded
+
+    def _search_rows(self, features: Tensor, target: Tensor, prefix: str) -> tuple[Tensor, Tensor]:
+        """``(features [n, D], target [n] int64)`` after the checks, views where the layouts allow."""
+        check.row_features(f"{prefix}features", features)
+        if features.shape[-1] != self.theta0_weight.shape[1]:
+            raise ValueError(
+                f"{prefix}features must have shape [..., {self.theta0_weight.shape[1]}] (the head's in_features), "
+                f"got {list(features.shape)}"
+            )
+        target = check.target_tensor(target, features.shape[:-1])
+        return features.reshape(-1, features.shape[-1]), target
 
     def _warn_if_head_moved(self) -> None:
         """One host read, at the first perturb with validate=True: weights loaded after PoF was built."""
@@ -467,12 +506,14 @@ class PoF(torch.optim.Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The base optimizer's state, theta0, and the state of the gamma stream."""
+        """The base optimizer's state, theta0, the state of the gamma stream, and the batch :meth:`record` kept
+        for the next search (so a resumed previous-batch search continues exactly; None if there is none)."""
         return {
             "base": self.base_optimizer.state_dict(),
             "theta0_weight": self.theta0_weight.clone(),
             "theta0_bias": None if self.theta0_bias is None else self.theta0_bias.clone(),
             "gamma_stream": self.gamma_sampler.state(),
+            "recorded": self._telemetry.recorded,  # the previous-batch search's next rows (None when not recording)
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -493,4 +534,7 @@ class PoF(torch.optim.Optimizer):
         if self.theta0_bias is not None:
             self.theta0_bias.copy_(state_dict["theta0_bias"])
         self.gamma_sampler.load_state(state_dict["gamma_stream"])
+        recorded = state_dict.get("recorded")  # absent from checkpoints older than the previous-batch search
+        self._telemetry.recorded = None if recorded is None else self._search_rows(
+            *(t.to(self.theta0_weight.device) for t in recorded), "state_dict['recorded'] ")
         self.restore()

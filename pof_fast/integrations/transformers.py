@@ -170,10 +170,42 @@ def _search_rows(model: nn.Module, batch: Mapping[str, Any], ignore_index: int) 
                          f"(-100 where the loss skips a token); its keys are {sorted(batch)}")
     named, takes_kwargs = _decoder_inputs(decoder)
     inputs = {k: v for k, v in batch.items() if k in named or (takes_kwargs and k in PACKING_KEYS)}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    if "shift_labels" in batch:
+    return _paired(decoder(**inputs, use_cache=False).last_hidden_state, batch, ignore_index)
+
+
+def _paired(hidden: Tensor, batch: Mapping[str, Any], ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The hidden states against the next tokens' labels (the batch's ``shift_labels`` as they are, if given)."""
+    if batch.get("shift_labels") is not None:
         return hidden, batch["shift_labels"]
     return causal_lm_rows(hidden, batch["labels"], ignore_index=ignore_index)
+
+
+class TrainingRows:
+    """``search_data="previous"``: hands the LM head's input and the shifted labels of every training forward to
+    :meth:`pof_fast.PoF.record` (with gradient accumulation the last micro-batch's are kept).
+
+    Two hooks: a forward pre-hook on the model reads the ``labels`` (or ``shift_labels``) Trainer passes it; a
+    forward hook on the LM head reads its input, the final hidden states. Forwards without gradients (evaluation,
+    the first step's search forward) are not recorded. No copy, no host sync.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module, pof: PoF) -> None:
+        self.pof, self._labels = pof, None
+        self._handles = [model.register_forward_pre_hook(self._batch, with_kwargs=True),
+                         head.register_forward_hook(self._head_input)]
+
+    def _batch(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
+        labels = {k: kwargs.get(k) for k in ("labels", "shift_labels")}
+        self._labels = labels if torch.is_grad_enabled() and any(v is not None for v in labels.values()) else None
+
+    def _head_input(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        labels, self._labels = self._labels, None
+        if labels is not None and torch.is_grad_enabled():
+            self.pof.record(*_paired(args[0], labels, self.pof.search_kwargs["ignore_index"]))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 class SearchBatches:
@@ -276,6 +308,12 @@ class PoFCallback(TrainerCallback):
     ``input_ids``, ``attention_mask``, ``labels``, ...). The callback draws with its own sampler seeded by
     ``seed`` (reshuffled each pass, never Trainer's iterator), so a resumed run draws the same batches.
     batch_size: rows of a search batch per rank (default: the training batch size per device).
+    ``search_data="previous"`` (opt-in; see ``docs/search-data.md``): each step searches the rows of the previous
+    step's training forward instead, its LM-head input and shifted labels recorded by hooks (:class:`TrainingRows`),
+    with no search forward; with gradient accumulation, the last micro-batch's. The first step (and a resumed run
+    whose checkpoint holds no recorded batch) draws one fresh search batch as above. The recorded batch is part of
+    PoF's state, so a checkpoint holds it and a resumed run continues exactly (under DDP, Trainer saves rank 0's
+    optimizer state: the first resumed step searches rank 0's saved batch on every rank).
 
     Each optimizer step (once, with ``gradient_accumulation_steps > 1``), the decoder runs on the search batch
     without gradients (``use_cache=False``, under the training forward's mixed precision, in train mode); its
@@ -289,8 +327,16 @@ class PoFCallback(TrainerCallback):
     head's ``requires_grad`` is turned off, so that Trainer's ``optimizer_cls_and_kwargs`` leaves it out.
     """
 
-    def __init__(self, search_data: Optional[Iterable[Any]] = None, *, batch_size: Optional[int] = None,
+    def __init__(self, search_data: "Optional[Iterable[Any] | str]" = None, *, batch_size: Optional[int] = None,
                  collate_fn: Optional[Callable[[list], Any]] = None, seed: int = 0) -> None:
+        if isinstance(search_data, str) and search_data != "previous":
+            raise ValueError(f"search_data must be a Dataset, an iterable of batches, None or 'previous', got "
+                             f"{search_data!r}")
+        self.previous = search_data == "previous"
+        self._recorder: Optional[TrainingRows] = None
+        self._first_drawn = False
+        if self.previous:
+            search_data = None  # the first step's fresh batch comes from the training dataset
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
@@ -333,12 +379,18 @@ class PoFCallback(TrainerCallback):
             collate_fn = train_dataloader.collate_fn
         self._batches = SearchBatches(data, collate_fn, self.batch_size or args.per_device_train_batch_size, self.seed,
                                       examples=examples, rank=rank, world=world)
+        if self.previous:
+            self._remove_recorder()
+            self._recorder, self._first_drawn = TrainingRows(model, head, pof), False
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
                       model: nn.Module, optimizer: Any, **kwargs: Any) -> None:
         pof = self._pof(optimizer)
         if self._batches is None:
             raise RuntimeError("PoFCallback.on_step_begin before on_train_begin")
+        if self.previous and self._previous_batch(pof):
+            pof.perturb()  # the last training batch's rows, recorded by TrainingRows (or restored from a checkpoint)
+            return
         batch = _to_device(self._batches(state.global_step), pof.head.weight.device)
         model.train()  # as Trainer's training forward runs (dropout, if any, included)
         with _mixed_precision():
@@ -358,7 +410,31 @@ class PoFCallback(TrainerCallback):
             entry.update(window)  # the log_history entry Trainer just wrote for these logs
         logs.update(window)
 
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._remove_recorder()
+
     # -- the pieces -----------------------------------------------------------------------------------------
+
+    def _previous_batch(self, pof: PoF) -> bool:
+        """search_data="previous": whether a recorded batch is there; False once, for the first step's fresh
+        batch (a run's first step, or a resumed one whose checkpoint holds no recorded batch)."""
+        if pof.recorded is not None:
+            self._first_drawn = True
+            return True
+        if self._first_drawn:
+            raise RuntimeError(
+                "PoFCallback(search_data='previous'): the last training step recorded no search rows: the model's "
+                "forward got no 'labels' (or 'shift_labels') keyword, or the LM head did not run with gradients. "
+                "A Trainer whose compute_loss takes the labels out of the inputs (label smoothing, a custom loss) "
+                "needs the default fresh search batches")
+        self._first_drawn = True
+        return False
+
+    def _remove_recorder(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
 
     @staticmethod
     def _pof(optimizer: Any) -> PoF:
