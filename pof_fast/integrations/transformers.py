@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..causal_lm import causal_lm_rows
+from ..distributed import is_dtensor
+from ..head import check_not_partitioned
 from ..optim import SUMMARY_KEYS, PoF
 
 __all__ = ["PoFCallback", "check_lm_head", "find_pof", "untie_lm_head"]
@@ -42,8 +44,35 @@ NOT_DECODER_INPUTS = ("labels", "shift_labels", "use_cache", "past_key_values", 
 
 
 def _tied(a: Tensor, b: Tensor) -> bool:
-    """The same parameter, or two that start at the same memory (``data_ptr``: meta tensors have none)."""
-    return a is b or (a.device == b.device and a.device.type != "meta" and a.data_ptr() == b.data_ptr())
+    """The same parameter, or two that start at the same memory (``data_ptr``: meta tensors have none). DTensors
+    (FSDP2, tensor parallel) are compared by their local shards: the wrapper itself has no memory (data_ptr 0)."""
+    if a is b:
+        return True
+    if is_dtensor(a) or is_dtensor(b):
+        if not (is_dtensor(a) and is_dtensor(b)):
+            return False
+        a, b = a.to_local(), b.to_local()
+        if a.numel() == 0 or b.numel() == 0:  # a rank holding no rows: nothing to share
+            return False
+    return a.device == b.device and a.device.type != "meta" and a.data_ptr() == b.data_ptr()
+
+
+def _fsdp2(module: nn.Module) -> bool:
+    """Whether ``module`` was ``fully_shard``-ed (FSDP2)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _module_class(module: nn.Module) -> type:
+    """The module's own class: under FSDP2's ``fully_shard`` the class is ``FSDP<cls>(FSDPModule, cls)``."""
+    if not _fsdp2(module):
+        return type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 def _configs(model: nn.Module) -> list:
@@ -87,7 +116,8 @@ def check_lm_head(model: nn.Module) -> nn.Linear:
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None): "
                         "PoF post-trains a causal LM around its linear LM head")
-    if type(head) is not nn.Linear or not head.weight.is_floating_point():
+    check_not_partitioned(head)
+    if _module_class(head) is not nn.Linear or not head.weight.is_floating_point():
         raise TypeError(
             f"the LM head is a {type(head).__module__}.{type(head).__name__} with {head.weight.dtype} weights, not a "
             "plain torch.nn.Linear: PoF perturbs the head's float weights directly (do not put an adapter or "
@@ -170,10 +200,34 @@ def _search_rows(model: nn.Module, batch: Mapping[str, Any], ignore_index: int) 
                          f"(-100 where the loss skips a token); its keys are {sorted(batch)}")
     named, takes_kwargs = _decoder_inputs(decoder)
     inputs = {k: v for k, v in batch.items() if k in named or (takes_kwargs and k in PACKING_KEYS)}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    hidden = _decoder_forward(model, decoder)(**inputs, use_cache=False).last_hidden_state
     if "shift_labels" in batch:
         return hidden, batch["shift_labels"]
     return causal_lm_rows(hidden, batch["labels"], ignore_index=ignore_index)
+
+
+FSDP_FORWARD = "_pof_fast_decoder_forward"
+
+
+def _decoder_forward(model: nn.Module, decoder: nn.Module) -> Callable[..., Any]:
+    """The decoder's forward; under FSDP2 (the model ``fully_shard``-ed) run as a forward of the root, so that the
+    root's parameters (embeddings, final norm) are gathered by FSDP's hooks, and resharded after it: the root keeps
+    them gathered after a forward otherwise, and the next forward would not gather the perturbed head."""
+    if not _fsdp2(model):
+        return decoder
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if FSDP_FORWARD not in vars(model):  # once: an instance attribute FSDP wraps with the root's hooks
+        setattr(model, FSDP_FORWARD, lambda **inputs: _decoder(model)(**inputs))
+        register_fsdp_forward_method(model, FSDP_FORWARD)
+
+    def forward(**inputs: Any) -> Any:
+        try:
+            return getattr(model, FSDP_FORWARD)(**inputs)
+        finally:
+            model.reshard()
+
+    return forward
 
 
 class SearchBatches:
@@ -321,7 +375,7 @@ class PoFCallback(TrainerCallback):
         rank, world = 0, 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rank, world = dist.get_rank(), dist.get_world_size()
-            if pof.process_group is None:
+            if pof.process_group is None and not is_dtensor(head.weight):  # a sharded head's mesh says it already
                 pof.set_process_group(dist.group.WORLD)
         data, collate_fn = self.search_data, self.collate_fn
         examples = data is None or _is_dataset(data)
