@@ -232,8 +232,8 @@ def _class_dim(placement: Any) -> Optional[bool]:
     if isinstance(placement, (Shard, _StridedShard)):
         raise ValueError(
             f"the head's weight is sharded on dim {placement.dim} ({placement}): PoF needs a head sharded by classes "
-            "(its rows, Shard(0)), as FSDP2's fully_shard (the default placement) and ColwiseParallel shard it; "
-            "use those, or RowwiseParallel is not supported for the LM head")
+            "(its rows, Shard(0)), as FSDP2's fully_shard (by default) and ColwiseParallel shard it; RowwiseParallel "
+            "or a shard_placement_fn on another dim is not supported for the head")
     raise ValueError(
         f"the head's weight has placement {placement} (partial sums or unknown): PoF needs a head sharded by classes "
         "(Shard(0)) or replicated; redistribute it first, e.g. weight.redistribute(placements=[Shard(0)])")

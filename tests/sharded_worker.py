@@ -6,11 +6,14 @@ LAYOUT: ``fsdp`` (1-D mesh, FSDP2 on every decoder layer and the model), ``tp`` 
 tokens on every rank), ``fsdp_tp`` (2 x 2: FSDP2 over ``dp``, the head ``ColwiseParallel`` over ``tp``), ``hsdp``
 (2 x 2: replicate x shard), ``refusals`` (the refused cases' one-line errors), ``checkpoint`` (FSDP2 and
 torch.distributed.checkpoint). Each writes OUT_DIR/LAYOUT.rank{r}.json. The oracle is the single-process float64
-search on every rank's rows gathered and the head gathered (``full_tensor()``, here only).
+search on every rank's rows gathered and the head gathered (``full_tensor()``, here only). The searches are made by
+the pieces of PoFCallback (``on_train_begin``, ``on_step_begin``), with raw ``fully_shard`` (Accelerate enables FSDP
+only with an accelerator).
 """
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -28,7 +31,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 import pof_fast  # noqa: E402
 from pof_fast import distributed  # noqa: E402
 from pof_fast._types import SearchPlan  # noqa: E402
-from pof_fast.integrations.transformers import _search_rows, check_lm_head  # noqa: E402
+from pof_fast.integrations.transformers import PoFCallback, _search_rows, check_lm_head  # noqa: E402
+from transformers import TrainerControl, TrainerState  # noqa: E402
 
 STEPS = 3
 BATCH, LENGTH = 4, 16
@@ -79,23 +83,33 @@ def full(t):
 
 
 def run_layout(layout, rank):
+    """STEPS PoF steps, each search made by PoFCallback.on_step_begin (its search forward under FSDP2's hooks)."""
     model, token_rank = build(layout, rank)
     head = check_lm_head(model)  # FSDP2 / TP: accepted, not "tied"
     pof = pof_fast.PoF(extractor_params(model), torch.optim.AdamW, head=head, lr=1e-3, seed=rank)  # rank 0's wins
+    callback = PoFCallback([tokens(step, token_rank, 1) for step in range(STEPS)])
+    callback.on_train_begin(SimpleNamespace(per_device_train_batch_size=BATCH), TrainerState(), TrainerControl(),
+                            model=model, optimizer=pof)
     theta0 = full(head.weight).detach().clone()
-    logit_calls = []
+    logit_calls, captured, searched = [], {}, []
     head.register_forward_hook(lambda *_: logit_calls.append(1))
-    captured = {}
     head.register_forward_pre_hook(lambda m, args: captured.update(h=args[0]))
-    out = dict(steps=[], collectives=[])
+    perturb = pof.perturb
+
+    def counted_perturb(features, target):
+        counter = count_collectives()
+        result = perturb(features, target)
+        searched.append((features, target, counter.stop()))
+        return result
+
+    pof.perturb = counted_perturb
+    out = dict(steps=[], collectives=[], process_group=pof.process_group is not None)
     for step in range(STEPS):
-        features, target = _search_rows(model, tokens(step, token_rank, 1), -100)
+        callback.on_step_begin(None, TrainerState(global_step=step), TrainerControl(), model=model, optimizer=pof)
+        features, target, calls = searched[-1]
         searched_without_logits = not logit_calls
         every = [torch.cat(gathered(features.reshape(-1, features.shape[-1]))),
                  torch.cat(gathered(target.reshape(-1).contiguous()))]
-        counter = count_collectives()
-        result = pof.perturb(features, target)
-        calls = counter.stop()
         want = pof_fast.line_search(every[0].double(), theta0.double(), None, every[1], backend="torch")
         perturbed = full(head.weight).detach()
         applied = torch.where(want.capped, 0.0, want.step)  # on_capped="skip"
@@ -103,22 +117,20 @@ def run_layout(layout, rank):
         # the training loss through the perturbed head (FSDP2's forward gathers it) against the loss by hand
         batch = tokens(step, token_rank, 0)
         loss = model(**batch).loss
-        hand = F.cross_entropy((full(captured["h"]).double() @ expected.t())[:, :-1].reshape(-1, VOCAB),
+        hand = F.cross_entropy((full(captured["h"]).detach().double() @ expected.t())[:, :-1].reshape(-1, VOCAB),
                                batch["labels"][:, 1:].reshape(-1))
         loss.backward()
         pof.step()
         pof.zero_grad()
         out["steps"].append(dict(
-            same_on_ranks=bool(same_on_ranks(result.step) and same_on_ranks(pof.last.gamma)),
-            step=(float(result.step), float(want.step)),
+            same_on_ranks=bool(same_on_ranks(pof.last.step) and same_on_ranks(pof.last.gamma)),
+            step=(float(pof.last.step), float(want.step)),
+            capped=(bool(pof.last.capped), bool(want.capped)),
             head_error=float((perturbed.double() - expected).abs().max()),
             perturbation=float((perturbed.double() - theta0.double()).abs().max()),
             loss=(float(loss.detach()), float(hand)),
-            capped=(bool(result.capped), bool(want.capped)),
             restored=bool(torch.equal(full(head.weight), theta0)),
             no_logits=searched_without_logits,
-            same_features=bool(same_on_ranks(features)),
-            losses=(float(result.loss0), float(result.loss), float(want.loss0), float(want.loss), float(result.grad_norm), float(want.grad_norm)),
         ))
         logit_calls.clear()
         out["collectives"].append((calls, distributed.collectives(SearchPlan(), layout=pof._head.layout)))
@@ -141,12 +153,95 @@ class count_collectives:
         return self.n
 
 
+def one_line_error(call):
+    """The error ``call`` raises, as (type name, message); ("none", "") when it raises nothing."""
+    try:
+        call()
+    except (TypeError, ValueError, RuntimeError) as e:
+        return type(e).__name__, str(e)
+    return "none", ""
+
+
+def run_refusals(rank):
+    from torch import nn
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    extractor = nn.Linear(4, 8)
+    out = {}
+    by_features = nn.Linear(8, 6, bias=False)
+    by_features.weight = nn.Parameter(distribute_tensor(by_features.weight.detach(), mesh, [Shard(1)]))
+    out["head_sharded_on_dim_1"] = one_line_error(
+        lambda: pof_fast.PoF(extractor.parameters(), torch.optim.SGD, head=by_features, lr=0.1))
+    head = nn.Linear(8, 6, bias=False)
+    fully_shard(head, mesh=mesh)
+    pof = pof_fast.PoF(extractor.parameters(), torch.optim.SGD, head=head, lr=0.1)
+    h, y = torch.randn(5, 8), torch.randint(0, 6, (5,))
+    out["partial_features"] = one_line_error(lambda: pof.perturb(DTensor.from_local(h, mesh, [Partial()]), y))
+    out["features_dim_sharded"] = one_line_error(lambda: pof.perturb(DTensor.from_local(h, mesh, [Shard(1)]), y))
+    other = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("a", "b"))
+    out["features_on_another_mesh"] = one_line_error(
+        lambda: pof.perturb(DTensor.from_local(h, other, [Replicate(), Replicate()]), y))
+    out["line_search_dtensor"] = one_line_error(lambda: pof_fast.line_search(h, head.weight, None, y))
+    # FSDP2's root keeps its parameters gathered after a forward no backward followed: perturb says so
+    model = tiny_lm(tied=False, seed=0)
+    fully_shard(model, mesh=mesh)
+    pof = pof_fast.PoF(extractor_params(model), torch.optim.SGD, head=model.lm_head, lr=0.1)
+    with torch.no_grad():
+        model(**tokens(0, rank, 1))
+    out["head_unsharded"] = one_line_error(lambda: pof.perturb(torch.randn(4, 32), torch.randint(0, VOCAB, (4,))))
+    model.reshard()
+    out["after_reshard"] = one_line_error(lambda: pof.perturb(torch.randn(4, 32), torch.randint(0, VOCAB, (4,))))
+    return out
+
+
+def run_checkpoint(rank, out_dir):
+    """FSDP2: save after two steps with torch.distributed.checkpoint, take a third, load, take it again."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model, token_rank = build("fsdp", rank)
+    pof = pof_fast.PoF(extractor_params(model), torch.optim.AdamW, head=model.lm_head, lr=1e-3, seed=rank)
+
+    def step(k):
+        result = pof.perturb(*_search_rows(model, tokens(k, token_rank, 1), -100))
+        loss = model(**tokens(k, token_rank, 0)).loss
+        loss.backward()
+        pof.step()
+        pof.zero_grad()
+        weights = torch.cat([p.detach().to_local().reshape(-1) for p in model.parameters()])
+        return [float(result.step), float(pof.last.gamma), float(loss.detach())], weights
+
+    def state():
+        return {"model": get_model_state_dict(model), "pof": pof.state_dict()}
+
+    step(0), step(1)
+    folder = os.path.join(out_dir, "dcp")
+    dcp.save(state(), checkpoint_id=folder)
+    first, weights = step(2)
+    loaded = state()
+    dcp.load(loaded, checkpoint_id=folder)
+    set_model_state_dict(model, loaded["model"])
+    pof.load_state_dict(loaded["pof"])
+    again, weights_again = step(2)
+    theta0 = pof.state_dict()["theta0_weight"]
+    return dict(first=first, again=again, same_weights=bool(torch.equal(weights, weights_again)),
+                theta0_is_dtensor=distributed.is_dtensor(theta0),
+                theta0_rows=list(theta0.to_local().shape), head_is_theta0=bool(torch.equal(
+                    model.lm_head.weight.to_local(), pof.theta0_weight)))
+
+
 def main(out_dir, layouts):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for layout in layouts:
-        result = run_layout(layout, rank)
+        if layout == "refusals":
+            result = run_refusals(rank)
+        elif layout == "checkpoint":
+            result = run_checkpoint(rank, out_dir)
+        else:
+            result = run_layout(layout, rank)
         with open(os.path.join(out_dir, f"{layout}.rank{rank}.json"), "w") as f:
             json.dump(result, f)
     dist.barrier()
