@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 import pof_fast  # noqa: E402
 from pof_fast import distributed  # noqa: E402
 from pof_fast._types import SearchPlan  # noqa: E402
-from pof_fast.integrations.transformers import PoFCallback, _search_rows, check_lm_head  # noqa: E402
+from pof_fast.integrations.transformers import PoFCallback, search_rows, check_lm_head  # noqa: E402
 from transformers import TrainerControl, TrainerState  # noqa: E402
 
 STEPS = 3
@@ -204,7 +204,7 @@ def run_checkpoint(rank, out_dir):
     pof = pof_fast.PoF(extractor_params(model), torch.optim.AdamW, head=model.lm_head, lr=1e-3, seed=rank)
 
     def step(k):
-        result = pof.perturb(*_search_rows(model, tokens(k, token_rank, 1), -100))
+        result = pof.perturb(*search_rows(model, tokens(k, token_rank, 1), -100))
         loss = model(**tokens(k, token_rank, 0)).loss
         loss.backward()
         pof.step()

@@ -122,3 +122,15 @@ def test_sharded_classes_offsets_are_checked():
     for bad in ((3, 7), (0, 4), (-1, 9), (1.0, 9), (0, 5, 1)):
         with pytest.raises(ValueError, match="sharded_classes must be"):
             pof_fast.line_search(h, w, None, y, sharded_classes=bad)
+
+
+def test_the_fsdp2_example_runs_under_torchrun(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_pof.py"
+    env = child_env({**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+           "--steps", "2", "--length", "16"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    printed = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in printed] == ["step 0", "step 1"]  # rank 0 alone prints, once a step
+    assert all(float(line.split("t* = ")[1].split()[0]) > 0 for line in printed)

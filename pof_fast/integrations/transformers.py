@@ -25,7 +25,7 @@ from ..distributed import is_dtensor
 from ..head import check_not_partitioned
 from ..optim import SUMMARY_KEYS, PoF
 
-__all__ = ["PoFCallback", "check_lm_head", "find_pof", "untie_lm_head"]
+__all__ = ["PoFCallback", "check_lm_head", "find_pof", "search_rows", "untie_lm_head"]
 
 # Config fields that make the logits something other than h W^T + b of the head, with the value that keeps them
 # affine (the line search along theta0 - t u needs logits affine in t), and what the models do with them.
@@ -191,9 +191,11 @@ def _mixed_precision() -> ContextManager:
 
 
 @torch.no_grad()
-def _search_rows(model: nn.Module, batch: Mapping[str, Any], ignore_index: int) -> tuple[Tensor, Tensor]:
+def search_rows(model: nn.Module, batch: Mapping[str, Any], ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """``(features [B, T, D], target [B, T])`` of a search batch: the decoder's final hidden states and the next
-    tokens' labels (the batch's ``shift_labels`` as they are, when it has them)."""
+    tokens' labels (the batch's ``shift_labels`` as they are, when it has them), without gradients and without the
+    head's logits. Under FSDP2 (the model ``fully_shard``-ed) the decoder runs as a forward of the root (its
+    parameters gathered by FSDP's hooks, resharded after), so that a custom loop can call it as the callback does."""
     decoder = _decoder(model)
     if "labels" not in batch and "shift_labels" not in batch:
         raise ValueError("the search batch has no 'labels': PoFCallback needs a causal-LM collator's labels "
@@ -228,6 +230,9 @@ def _decoder_forward(model: nn.Module, decoder: nn.Module) -> Callable[..., Any]
             model.reshard()
 
     return forward
+
+
+_search_rows = search_rows  # the name benchmarks/lm_step.py imports
 
 
 class SearchBatches:
@@ -396,7 +401,7 @@ class PoFCallback(TrainerCallback):
         batch = _to_device(self._batches(state.global_step), pof.head.weight.device)
         model.train()  # as Trainer's training forward runs (dropout, if any, included)
         with _mixed_precision():
-            features, target = _search_rows(model, batch, pof.search_kwargs["ignore_index"])
+            features, target = search_rows(model, batch, pof.search_kwargs["ignore_index"])
         pof.perturb(features, target)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
