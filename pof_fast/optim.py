@@ -294,7 +294,9 @@ class PoF(torch.optim.Optimizer):
         search_features: ``[n, D]`` phi(x_s), or ``[..., D]`` token batches (e.g. a causal LM's ``[B, T, D]``
         hidden states, see :func:`pof_fast.causal_lm_rows`), any float dtype (promoted to the head's; no gradient
         needed). search_target: ``[n]`` (or ``[...]``) labels, ``ignore_index`` for rows that do not count.
-        Sets the head to theta0 - gamma * t* * u; returns the search.
+        Sets the head to theta0 - gamma * t* * u; returns the search. A sharded head: this rank's rows (plain
+        tensors, or DTensors whose placements say which ranks share them); the result's directions are this
+        rank's rows.
         Call it once per optimizer step (with gradient accumulation: once, before the micro-batches).
         """
         layout = self._head.layout

@@ -343,6 +343,9 @@ class PoFCallback(TrainerCallback):
     (means since the last log). PoF's state (theta0, gamma stream, base optimizer) is the optimizer's state, so
     Trainer's checkpoints hold it and ``resume_from_checkpoint`` continues the run. Under ``torchrun`` a PoF built
     without a process group gets the world group: every rank searches the union of the ranks' search batches.
+    With FSDP2 (``fsdp_config={"fsdp_version": 2}``; build PoF through ``optimizer_cls_and_kwargs`` so that it gets
+    the sharded head) the head's mesh says which ranks' tokens are searched together, the search forward runs
+    under the FSDP2 root's hooks (:func:`search_rows`), and no head is gathered (docs/sharded.md).
 
     At Trainer construction the model is checked (:func:`check_lm_head`: tied head, non-affine logits) and the
     head's ``requires_grad`` is turned off, so that Trainer's ``optimizer_cls_and_kwargs`` leaves it out.
