@@ -37,7 +37,7 @@ __all__ = ["collectives", "class_range", "union_search", "sharded_search", "Head
            "gather_rows", "local_rows", "group_of"]
 
 ProcessGroup = dist.ProcessGroup
-# Class-sharded scoring forms [k, n, C_r] candidate logits in blocks of at most this many elements.
+# Class-sharded scoring forms [k, n_b, C_r] candidate logits in blocks of at most this many elements.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -119,44 +119,53 @@ def sharded_search(features: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     # Labels: global indices; a counted label outside [0, C_total) makes its row NaN (reference.label_rows).
     safe, row_weight = reference.label_rows(target, total_classes, plan.ignore_index, acc)
     owned = (safe >= offset) & (safe < offset + classes) & (row_weight != 0)
-    local_label = torch.where(owned, safe - offset, 0)
-    one_hot = torch.zeros(target.shape[0], classes, dtype=acc, device=features.device)
-    one_hot.scatter_(1, local_label[:, None], owned[:, None].to(acc))
-    # 1. Residual with the global log-sum-exp; g_W, g_b of this slice; the global ||g||.
+    local_label = torch.where(owned, safe - offset, 0)[:, None]
+    # 1. Residual with the global log-sum-exp (the owned labels' entries less one); g_W, g_b of this slice; ||g||.
     z0 = torch.nn.functional.linear(h, w, b)
-    residual = ((z0 - _global_lse(z0, group)[:, None]).exp() - one_hot) * row_weight[:, None]
+    residual = (z0 - _global_lse(z0, group)[:, None]).exp_()
+    residual.scatter_add_(1, local_label, -owned[:, None].to(acc))
+    residual.mul_(row_weight[:, None])
     grad_weight = residual.t() @ h
     grad_bias = residual.sum(0) if bias is not None else None
+    del residual  # [n, C_r]: not kept
     squares = reference.squared_norm(grad_weight, grad_bias)
     dist.all_reduce(squares, group=group)
     grad_norm = squares.sqrt()
     scale = reference.direction_scale(grad_norm, plan.normalized)
     d = reference.direction_logits(h, grad_weight, grad_bias, scale)
     # 2. The target logit and its direction entry, from the rank that owns the label.
-    target_terms = torch.stack([(z0 * one_hot).sum(1), (d * one_hot).sum(1)])
+    target_terms = torch.where(owned, torch.stack([z0.gather(1, local_label)[:, 0], d.gather(1, local_label)[:, 0]]), 0)
     dist.all_reduce(target_terms, group=group)
     z_y, d_y = target_terms
-    per_chunk = max(1, CHUNK_ELEMENTS // max(1, z0.numel()))  # candidates per [k, n, C_r] block
+    rows = z0.shape[0]
 
-    def candidate_logits(steps: Tensor):
-        for t in steps.split(per_chunk):
-            yield t, z0[None] - t[:, None, None] * d[None]  # [k, n, C_r]
+    def blocks(count: int):
+        """(candidates, rows) slices of at most CHUNK_ELEMENTS candidate logits [k, n_b, C_r] each."""
+        row_block = max(1, CHUNK_ELEMENTS // max(1, classes))
+        if row_block >= rows:  # whole rows, several candidates a block
+            per = max(1, CHUNK_ELEMENTS // max(1, z0.numel()))
+            return [(slice(k, k + per), slice(None)) for k in range(0, count, per)]
+        return [(slice(k, k + 1), slice(r, r + row_block)) for k in range(count) for r in range(0, rows, row_block)]
 
     def stats(steps: Tensor) -> Tensor:  # 3. two all-reduces per scoring round (the max, then the sums)
-        top = torch.cat([zt.amax(-1) for _, zt in candidate_logits(steps)])  # [K, n]
+        parts = blocks(steps.shape[0])
+        top = z0.new_empty(steps.shape[0], rows)
+        for ks, rs in parts:
+            top[ks, rs] = (z0[None, rs] - steps[ks, None, None] * d[None, rs]).amax(-1)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        moments = []
-        for (t, zt), top_t in zip(candidate_logits(steps), top.split(per_chunk)):
-            e = (zt - top_t[..., None]).exp()
-            moments.append(torch.stack([e.sum(-1), (e * d).sum(-1), (e * d.square()).sum(-1)]))
-        moments = torch.cat(moments, dim=1)  # [3, K, n]
+        moments = z0.new_empty(3, steps.shape[0], rows)
+        for ks, rs in parts:
+            e = (z0[None, rs] - steps[ks, None, None] * d[None, rs] - top[ks, rs, None]).exp_()
+            moments[0, ks, rs] = e.sum(-1)
+            moments[1, ks, rs] = (e * d[None, rs]).sum(-1)
+            moments[2, ks, rs] = (e * d[None, rs].square()).sum(-1)
         dist.all_reduce(moments, group=group)
         mass, first, second = moments
         mean_d = first / mass
         loss = mass.log() + top - z_y + steps[:, None] * d_y
         return torch.stack([loss, d_y - mean_d, second / mass - mean_d.square()]) @ row_weight  # [3, K]
 
-    grad = HeadGradient(z0, residual, grad_weight, grad_bias, grad_norm, scale)
+    grad = HeadGradient(z0, None, grad_weight, grad_bias, grad_norm, scale)
     return assemble(grad, drivers.run(stats, plan, features.device, acc))
 
 

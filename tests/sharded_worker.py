@@ -42,6 +42,7 @@ def build(layout, rank):
     """(model, token_rank): the sharded tiny Llama, and the index that picks this rank's tokens."""
     model = tiny_lm(tied=False, seed=0)  # the same weights on every rank
     if layout == "tp":
+        distributed.CHUNK_ELEMENTS = 1024  # this run scores in blocks of rows too (a large vocabulary's path)
         mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
         parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
         return model, 0
