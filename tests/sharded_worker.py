@@ -196,6 +196,47 @@ def run_refusals(rank):
     return out
 
 
+def run_small(rank):
+    """A head with a bias (FSDP2 shards it like the weight's rows), and an explicit process_group (the union)."""
+    from torch import nn
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    head, extractor = nn.Linear(8, 11), nn.Linear(4, 8)
+    weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+    fully_shard(head, mesh=mesh)
+    g = torch.Generator().manual_seed(rank)
+    h, y = torch.randn(40 + 3 * rank, 8, generator=g), torch.randint(0, 11, (40 + 3 * rank,), generator=g)
+    y[::6] = -100
+    every_h, every_y = torch.cat(gathered_uneven(h)), torch.cat(gathered_uneven(y))
+    want = pof_fast.line_search(every_h.double(), weight.double(), bias.double(), every_y, backend="torch")
+    out = {}
+    for name, group in (("mesh", None), ("explicit_group", dist.group.WORLD)):
+        pof = pof_fast.PoF(extractor.parameters(), torch.optim.SGD, head=head, lr=0.1, gamma=1.0,
+                           gamma_sampling="fixed", process_group=group)
+        result = pof.perturb(h, y)
+        applied = 0.0 if bool(want.capped) else float(want.step)
+        out[name] = dict(
+            step=(float(result.step), float(want.step)),
+            weight_error=float((head.weight.full_tensor().double() - (weight - applied * want.weight_direction)
+                                ).abs().max()),
+            bias_error=float((head.bias.full_tensor().double() - (bias - applied * want.bias_direction)).abs().max()),
+            bias_rows=list(result.bias_direction.shape))
+        pof.restore()
+    return out
+
+
+def gathered_uneven(x):
+    """Every rank's ``x`` (their first dims may differ)."""
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]]))
+    most = int(max(sizes))
+    padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])  # gloo gathers equal sizes only
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [p[: int(n)] for p, n in zip(parts, sizes)]
+
+
 def run_checkpoint(rank, out_dir):
     """FSDP2: save after two steps with torch.distributed.checkpoint, take a third, load, take it again."""
     import torch.distributed.checkpoint as dcp
@@ -239,6 +280,8 @@ def main(out_dir, layouts):
     for layout in layouts:
         if layout == "refusals":
             result = run_refusals(rank)
+        elif layout == "small":
+            result = run_small(rank)
         elif layout == "checkpoint":
             result = run_checkpoint(rank, out_dir)
         else:

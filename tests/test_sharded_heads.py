@@ -28,7 +28,7 @@ import pof_fast  # noqa: E402
 from pof_fast.integrations.transformers import check_lm_head  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
-TWO = ("fsdp", "tp", "refusals", "checkpoint")
+TWO = ("fsdp", "tp", "refusals", "small", "checkpoint")
 FOUR = ("fsdp_tp", "hsdp")
 
 
@@ -98,6 +98,18 @@ def test_refused_cases_say_the_fix_in_one_line(results, case, kind, words):
         got_kind, message = r[case]
         assert got_kind == kind and "\n" not in message and all(w in message for w in words), (case, message)
     assert all(r["after_reshard"] == ["none", ""] for r in results["refusals"])
+
+
+def test_a_sharded_bias_and_an_explicit_process_group(results):
+    """A head with a bias, 2 ranks bringing 40 and 43 rows: the rows gathered unevenly, the bias perturbed as its
+    rows; an explicit process_group (the data-parallel union, here the same ranks) gives the same search."""
+    for rank, r in enumerate(results["small"]):
+        for name in ("mesh", "explicit_group"):
+            s = r[name]
+            assert s["step"][0] == pytest.approx(s["step"][1], rel=1e-4), (rank, name)
+            assert s["weight_error"] <= 1e-5 and s["bias_error"] <= 1e-5, (rank, name)
+            assert s["bias_rows"] == [[6], [5]][rank], (rank, name)  # 11 classes: 6 + 5 rows
+        assert r["mesh"]["step"] == r["explicit_group"]["step"]
 
 
 def zero3_placeholder(linear: nn.Linear) -> nn.Linear:
