@@ -137,10 +137,10 @@ def test_sharded_classes_offsets_are_checked():
 
 
 def test_the_fsdp2_example_runs_under_torchrun(tmp_path):
-    example = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_pof.py"
+    runner = Path(__file__).resolve().parent / "example_runner.py"  # examples/fsdp2_pof.py's main
     env = child_env({**os.environ, "OMP_NUM_THREADS": "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
-           "--steps", "2", "--length", "16"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
+           "fsdp2_pof", "--steps", "2", "--length", "16"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     printed = [line for line in done.stdout.splitlines() if line.startswith("step ")]
