@@ -97,18 +97,18 @@ class FixedHead:
     # -- checkpoints: a sharded theta0 as DTensors laid out as the head, so torch.distributed.checkpoint saves shards
 
     def state(self) -> Dict[str, Any]:
-        return {"theta0_weight": self._global(self.theta0_weight.clone(), self.module.weight),
-                "theta0_bias": None if self.theta0_bias is None else self._global(self.theta0_bias.clone(),
-                                                                                  self.module.bias)}
+        return {"theta0_weight": self._global(self.theta0_weight.clone()),
+                "theta0_bias": None if self.theta0_bias is None else self._global(self.theta0_bias.clone())}
 
-    def _global(self, rows: Tensor, like: Tensor) -> Tensor:
+    def _global(self, rows: Tensor) -> Tensor:
+        """This rank's ``rows`` as a DTensor laid out as the head (its whole shape C x ...)."""
         if self.layout is None:
             return rows
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(rows, self.layout.mesh, self.layout.placements, run_check=False,
-                                  shape=torch.Size([self.layout.classes, *rows.shape[1:]]),
-                                  stride=torch.empty(self.layout.classes, *rows.shape[1:], device="meta").stride())
+        shape = torch.Size([self.layout.classes, *rows.shape[1:]])
+        return DTensor.from_local(rows, self.layout.mesh, self.layout.placements, run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
 
     def loadable(self, name: str, value: Tensor) -> Tensor:
         """This rank's part of a saved theta0 ``value`` (a DTensor laid out as the head, or a plain tensor)."""
