@@ -90,9 +90,13 @@ class FixedHead:
         weight, bias = self.local()
         return not torch.equal(weight, self.theta0_weight) or (bias is not None and not torch.equal(bias, self.theta0_bias))
 
-    def finite(self) -> bool:
-        """Whether every entry of the head (this rank's rows) is finite (one host read)."""
-        return all(bool(torch.isfinite(p).all()) for p in self.local() if p is not None)
+    def nonfinite(self) -> Optional[str]:
+        """The name of the head's first parameter with a NaN or inf (this rank's rows), or None (host reads)."""
+        weight, bias = self.local()
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and not bool(torch.isfinite(p).all()):
+                return name
+        return None
 
     # -- checkpoints: a sharded theta0 as DTensors laid out as the head, so torch.distributed.checkpoint saves shards
 

@@ -97,8 +97,9 @@ def _check_head(head: object) -> nn.Linear:
 
 
 def _check_finite(head: FixedHead) -> None:
-    if not head.finite():
-        raise ValueError("the head contains NaN or inf: theta0 must be a trained, finite head")
+    name = head.nonfinite()
+    if name is not None:
+        raise ValueError(f"head.{name} contains NaN or inf: theta0 must be a trained, finite head")
 
 
 class PoF(torch.optim.Optimizer):
