@@ -127,7 +127,7 @@ def split(args) -> dict:
     a plain training step (forward, backward, AdamW step; no Trainer), the search forward and each method's search.
     Per round, PoF's step over the plain one is estimated as 1 + (search forward + search) / plain with the fresh
     search and 1 + search / plain with the previous batch's (no search forward); medians and ranges over rounds."""
-    from pof_fast.integrations.transformers import _search_rows
+    from pof_fast.integrations.transformers import search_rows
 
     model, head = build(args)
     params = [p for p in model.parameters() if p is not head.weight]
@@ -142,14 +142,14 @@ def split(args) -> dict:
         model(**batch).loss.backward()
         adamw.step()
 
-    features, target = _search_rows(model, batch, -100)
+    features, target = search_rows(model, batch, -100)
 
     def search(method):
         pof.search_kwargs["method"] = method
         pof.perturb(features, target)
         pof.restore()
 
-    calls = {"plain": plain, "search forward": lambda: _search_rows(model, batch, -100),
+    calls = {"plain": plain, "search forward": lambda: search_rows(model, batch, -100),
              **{f"search {m}": (lambda m=m: search(m)) for m in args.method.split(",")}}
     for fn in calls.values():  # warm-up
         fn()
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.split:
         return split(args)
-    from pof_fast.integrations.transformers import _mixed_precision, _search_rows
+    from pof_fast.integrations.transformers import _mixed_precision, search_rows
 
     steps = {name: [] for name, _, _ in variants(args)}
     ratios = {name: [] for name in steps}
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
 
     def forward():
         with _mixed_precision():
-            return _search_rows(model, batch, -100)
+            return search_rows(model, batch, -100)
 
     features, target = forward()
     parts = {"search forward": time_call(forward, args.device, 5.0).median}

@@ -21,6 +21,7 @@ from . import _validate as check
 from . import dispatch
 from .gamma import GammaSampler
 from .graph import CapturedSearch
+from .head import FixedHead, check_not_partitioned
 from .norm import frozen_norm_stats
 from .search import LineSearchResult, line_search, raise_named
 
@@ -83,6 +84,7 @@ class _Telemetry:
 def _check_head(head: object) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head must be a torch.nn.Linear, got {type(head).__name__}")
+    check_not_partitioned(head)
     # weight_norm / spectral_norm / torch.nn.utils.parametrize: head.weight is computed from other
     # parameters, so writing theta0 - gamma t u into it would not perturb the head that runs.
     if not isinstance(head._parameters.get("weight"), nn.Parameter) or any(
@@ -93,10 +95,13 @@ def _check_head(head: object) -> nn.Linear:
             "PoF perturbs the weight itself. Remove the reparametrization first, e.g. "
             "torch.nn.utils.parametrize.remove_parametrizations(head, 'weight') or torch.nn.utils.remove_weight_norm(head)"
         )
-    for name, p in head.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"head.{name} contains NaN or inf: theta0 must be a trained, finite head")
     return head
+
+
+def _check_finite(head: FixedHead) -> None:
+    name = head.nonfinite()
+    if name is not None:
+        raise ValueError(f"head.{name} contains NaN or inf: theta0 must be a trained, finite head")
 
 
 class PoF(torch.optim.Optimizer):
@@ -128,7 +133,11 @@ class PoF(torch.optim.Optimizer):
         cuda_graph: run each search as a CUDA graph replay (captured once per search-batch shape; the head
             must be on a CUDA device; implies no data checks inside the graph, see :class:`CapturedSearch`).
         process_group: search the union of every rank's search batch (see :func:`pof_fast.line_search`), so all
-            ranks perturb the head identically; the gamma stream's seed is rank 0's.
+            ranks perturb the head identically; the gamma stream's seed is rank 0's. A head whose weight is a
+            DTensor sharded by classes (FSDP2, ``ColwiseParallel``, 2-D meshes) needs nothing more: its mesh says
+            which ranks hold the other rows and which bring their own tokens (gathered, never the head); theta0 is
+            this rank's rows and the perturbation is written into them (:mod:`pof_fast.head`). An explicit
+            ``process_group`` there is the data-parallel union: the tokens are gathered over it instead.
         freeze_head: set the head's ``requires_grad`` to False. None (default): True unless
             ``torch.distributed`` is initialized, where a ``DistributedDataParallel`` built before PoF
             would wait for the head's gradients; then the head keeps ``requires_grad`` and PoF drops its
@@ -174,6 +183,11 @@ class PoF(torch.optim.Optimizer):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if cuda_graph and head.weight.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the head on a CUDA device, it is on {head.weight.device}")
+        fixed = FixedHead(head)
+        _check_finite(fixed)
+        if cuda_graph and fixed.layout is not None:
+            raise ValueError("cuda_graph=True with a sharded (DTensor) head is not supported: the search's "
+                             "collectives run between launches")
         super().__init__(params, dict(base_kwargs))
         head_ids = {id(p) for p in head.parameters()}
         if any(id(p) in head_ids for group in self.param_groups for p in group["params"]):
@@ -202,8 +216,7 @@ class PoF(torch.optim.Optimizer):
             p.grad = None
             if self.freeze_head:
                 p.requires_grad_(False)
-        self.theta0_weight = head.weight.detach().clone()
-        self.theta0_bias = head.bias.detach().clone() if head.bias is not None else None
+        self._head = fixed
         self.gamma = float(gamma)
         self.gamma_sampling = gamma_sampling
         self.on_capped = on_capped
@@ -214,6 +227,8 @@ class PoF(torch.optim.Optimizer):
             process_group=None,
         )
         self.gamma_sampler = GammaSampler(seed if seed is not None else secrets.randbits(63), head.weight.device)
+        if fixed.layout is not None and fixed.layout.mesh_group is not None:  # every rank of the mesh: one gamma
+            self.gamma_sampler.agree(fixed.layout.mesh_group)
         if process_group is not None:
             self.set_process_group(process_group)
         device = head.weight.device
@@ -239,20 +254,25 @@ class PoF(torch.optim.Optimizer):
 
     # -- theta0 ---------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @property
+    def theta0_weight(self) -> Tensor:
+        """theta0's weight ``[C, D]`` (a sharded head: this rank's rows ``[C_r, D]``)."""
+        return self._head.theta0_weight
+
+    @property
+    def theta0_bias(self) -> Optional[Tensor]:
+        """theta0's bias ``[C]`` (this rank's rows of a sharded head), or None."""
+        return self._head.theta0_bias
+
     def retake_theta0(self) -> None:
         """Take theta0 anew from the head as it is now (e.g. after ``model.load_state_dict(trained)``)."""
         _check_head(self.head)
-        self.theta0_weight.copy_(self.head.weight)
-        if self.theta0_bias is not None:
-            self.theta0_bias.copy_(self.head.bias)
+        _check_finite(self._head)
+        self._head.retake()
 
-    @torch.no_grad()
     def restore(self) -> None:
         """Set the head back to theta0, bit-exactly."""
-        self.head.weight.copy_(self.theta0_weight)
-        if self.theta0_bias is not None:
-            self.head.bias.copy_(self.theta0_bias)
+        self._head.restore()
 
     # -- one PoF step ---------------------------------------------------------------------------------
 
@@ -279,13 +299,23 @@ class PoF(torch.optim.Optimizer):
         hidden states, see :func:`pof_fast.causal_lm_rows`), any float dtype (promoted to the head's; no gradient
         needed). search_target: ``[n]`` (or ``[...]``) labels, ``ignore_index`` for rows that do not count.
         Both omitted: the search runs on the last training batch given to :meth:`record` (and drops it).
-        Sets the head to theta0 - gamma * t* * u; returns the search.
+        Sets the head to theta0 - gamma * t* * u; returns the search. A sharded head: this rank's rows (plain
+        tensors, or DTensors whose placements say which ranks share them); the result's directions are this
+        rank's rows.
         Call it once per optimizer step (with gradient accumulation: once, before the micro-batches).
         """
         if search_features is None and search_target is None:
             search_features, search_target = self._take_recorded()
-        else:
+        layout = self._head.layout
+        if layout is not None:  # a sharded head: this rank's rows, then every rank's that brings its own tokens
+            from . import distributed
+
+            search_features, search_target, dims = distributed.local_rows(layout, search_features, search_target)
             search_features, search_target = self._search_rows(search_features, search_target, "search_")
+            group = self.process_group or distributed.group_of(layout.mesh, dims)
+            search_features, search_target = distributed.gather_rows(
+                search_features.detach(), search_target, group, self.search_kwargs["ignore_index"])
+        search_features, search_target = self._search_rows(search_features, search_target, "search_")
         if self.search_kwargs["validate"] and not self._telemetry.head_checked:
             self._telemetry.head_checked = True
             self._warn_if_head_moved()
@@ -296,9 +326,7 @@ class PoF(torch.optim.Optimizer):
         if finite is not None:  # a search on bad data (reported at the next call) never perturbs the head
             applied = torch.where(finite, applied, torch.zeros_like(applied))
         coef = factor.to(applied.dtype) * applied
-        self.head.weight.copy_(self.theta0_weight - coef * result.weight_direction)
-        if self.theta0_bias is not None:
-            self.head.bias.copy_(self.theta0_bias - coef * result.bias_direction)
+        self._head.write(coef, result.weight_direction, result.bias_direction)
         stats = PoFStats(
             step=result.step, gamma=factor, applied_step=applied,
             perturbation_norm=coef * result.direction_norm, grad_norm=result.grad_norm,
@@ -353,9 +381,7 @@ class PoF(torch.optim.Optimizer):
 
     def _warn_if_head_moved(self) -> None:
         """One host read, at the first perturb with validate=True: weights loaded after PoF was built."""
-        moved = not torch.equal(self.head.weight, self.theta0_weight) or (
-            self.theta0_bias is not None and not torch.equal(self.head.bias, self.theta0_bias))
-        if moved:
+        if self._head.moved():
             warnings.warn(
                 "pof_fast.PoF: the head changed since PoF was built, and theta0 is the head at construction: "
                 "the first step sets the head back to that theta0. If you loaded trained weights after building "
@@ -391,10 +417,15 @@ class PoF(torch.optim.Optimizer):
             event.synchronize()
         if not bool(flag):
             raise_named({"search_features": features, "head.weight": self.theta0_weight, "head.bias": self.theta0_bias},
-                        target, self.theta0_weight.shape[0], self.search_kwargs["ignore_index"], True)
+                        target, self._head.classes, self.search_kwargs["ignore_index"], True)
 
     def _search(self, features: Tensor, target: Tensor, validate: bool) -> LineSearchResult:
         kwargs = dict(self.search_kwargs, validate=validate)
+        layout = self._head.layout
+        if layout is not None:  # the rows are every rank's already: the class-sharded search on the local rows
+            kwargs.update(process_group=layout.class_group, sharded_classes=(layout.first, layout.classes))
+            if layout.class_group is None:  # one rank holds every row
+                kwargs.update(process_group=None, sharded_classes=False)
         if not self.cuda_graph:
             return line_search(features, self.theta0_weight, self.theta0_bias, target, **kwargs)
         key = (tuple(features.shape), features.dtype, features.device, target.dtype)
@@ -508,13 +539,8 @@ class PoF(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """The base optimizer's state, theta0, the state of the gamma stream, and the batch :meth:`record` kept
         for the next search (so a resumed previous-batch search continues exactly; None if there is none)."""
-        return {
-            "base": self.base_optimizer.state_dict(),
-            "theta0_weight": self.theta0_weight.clone(),
-            "theta0_bias": None if self.theta0_bias is None else self.theta0_bias.clone(),
-            "gamma_stream": self.gamma_sampler.state(),
-            "recorded": self._telemetry.recorded,  # the previous-batch search's next rows (None when not recording)
-        }
+        return {"base": self.base_optimizer.state_dict(), **self._head.state(), "gamma_stream": self.gamma_sampler.state(),
+                "recorded": self._telemetry.recorded}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the head is set to the loaded theta0 (checked once, here)."""
@@ -523,16 +549,18 @@ class PoF(torch.optim.Optimizer):
             raise ValueError(f"state_dict is missing {sorted(missing)}: was it saved by pof_fast.PoF?")
         if (state_dict["theta0_bias"] is None) != (self.theta0_bias is None):
             raise ValueError("state_dict: the saved head and this head differ in having a bias")
-        check.shape("state_dict['theta0_weight']", state_dict["theta0_weight"], tuple(self.theta0_weight.shape), "the head's weight")
-        for name in ("theta0_weight", "theta0_bias"):
-            if state_dict[name] is not None and not torch.isfinite(state_dict[name]).all():
+        theta0 = {name: None if state_dict[name] is None else self._head.loadable(name, state_dict[name])
+                  for name in ("theta0_weight", "theta0_bias")}
+        check.shape("state_dict['theta0_weight']", theta0["theta0_weight"], tuple(self.theta0_weight.shape), "the head's weight")
+        for name, value in theta0.items():
+            if value is not None and not torch.isfinite(value).all():
                 raise ValueError(f"state_dict['{name}'] contains NaN or inf")
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self.theta0_weight.copy_(state_dict["theta0_weight"])
+        self.theta0_weight.copy_(theta0["theta0_weight"])
         if self.theta0_bias is not None:
-            self.theta0_bias.copy_(state_dict["theta0_bias"])
+            self.theta0_bias.copy_(theta0["theta0_bias"])
         self.gamma_sampler.load_state(state_dict["gamma_stream"])
         recorded = state_dict.get("recorded")  # absent from checkpoints older than the previous-batch search
         self._telemetry.recorded = None if recorded is None else self._search_rows(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -51,6 +51,17 @@ def raise_named(floats: dict, target: Tensor, classes: int, ignore_index: int, a
         f"the search gave a non-finite loss or gradient from finite inputs and valid labels: the logits "
         f"overflow in {', '.join(dtypes)} (scale the features or the head down, or search in float32)"
     )
+
+
+def _refuse_dtensors(**tensors: Optional[Tensor]) -> None:
+    from .distributed import is_dtensor
+
+    for name, value in tensors.items():
+        if is_dtensor(value):
+            raise TypeError(
+                f"{name} is a DTensor: line_search takes plain tensors. For a sharded head use pof_fast.PoF(..., "
+                "head=h), which reads its layout, or pass this rank's rows (weight.to_local()) with "
+                "process_group=g and sharded_classes=(first_class, num_classes)")
 
 
 def line_losses(
@@ -107,7 +118,7 @@ def line_search(
     validate: bool = True,
     logits_free: Optional[bool] = None,
     process_group: Optional["torch.distributed.ProcessGroup"] = None,
-    sharded_classes: bool = False,
+    sharded_classes: Union[bool, Tuple[int, int]] = False,
 ) -> LineSearchResult:
     """Find t* = argmin_{0 <= t <= max_step} L(theta0 - t u) on a search batch.
 
@@ -132,6 +143,8 @@ def line_search(
     concatenated batch (:mod:`pof_fast.distributed`). ``sharded_classes=True`` (with a group): the head is
     class-sharded across the ranks (``weight`` is this rank's rows ``W0[c0:c1]``, in rank order; features and
     global labels the same on every rank); each rank gets its slice of the direction and the same t*.
+    ``sharded_classes=(c0, C)``: the same, with this rank's first class and the head's size given (the slices in any
+    order; no gather of their sizes). DTensors are refused: ``PoF(..., head=h)`` reads a sharded head's layout.
 
     ``validate=True`` reads one flag of the result (one host read): when l(0) or ||g|| is not finite it
     finds and names the bad argument (NaN/inf in features, weight or bias; a label outside [0, C) that is
@@ -139,6 +152,7 @@ def line_search(
     required inside a CUDA graph), and a bad label then makes l(0), l(t*), ||g|| and the directions NaN on
     every backend (never an out-of-range read). Shape, dtype and device errors are always raised.
     """
+    _refuse_dtensors(features=features, weight=weight, bias=bias, target=target)
     check.row_features("features", features)
     check.tensor("weight", weight, 2)
     dim = features.shape[-1]
@@ -155,7 +169,13 @@ def line_search(
     check.search_options(method, direction, init_step, max_step, partitions, ignore_index)
     if logits_free is not None and not isinstance(logits_free, bool):
         raise TypeError(f"logits_free must be None, True or False, got {logits_free!r}")
-    if sharded_classes and process_group is None:
+    if not isinstance(sharded_classes, bool) and not (
+            isinstance(sharded_classes, tuple) and len(sharded_classes) == 2
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in sharded_classes)
+            and 0 <= sharded_classes[0] <= sharded_classes[1] - classes):
+        raise ValueError(f"sharded_classes must be False, True or (c0, C) with 0 <= c0 <= C - {classes} (this rank's "
+                         f"first class and the head's classes), got {sharded_classes!r}")
+    if sharded_classes is not False and process_group is None:
         raise ValueError("sharded_classes=True needs a process_group: the ranks that hold the head's slices")
     device = check.same_device(features=features, weight=weight, bias=bias, target=target)
     dtype = torch.promote_types(features.dtype, weight.dtype)
@@ -170,17 +190,20 @@ def line_search(
         else:
             from . import distributed
 
-            if sharded_classes:
-                out = distributed.sharded_search(h, w, b, target, plan, process_group)
+            if sharded_classes is not False:
+                offsets = None if sharded_classes is True else sharded_classes
+                out = distributed.sharded_search(h, w, b, target, plan, process_group, offsets)
             else:
                 out = dispatch.run(backend, device,
                                    lambda chosen: distributed.union_search(chosen, h, w, b, target, plan, process_group))
     # One host read: l(0) + ||g|| is finite iff both are (NaN and inf propagate through the sum).
     if validate and not math.isfinite((out.loss0 + out.grad_norm).item()):
-        if sharded_classes:  # labels are global class indices: the bound is the whole head's size
+        if sharded_classes is True:  # labels are global class indices: the bound is the whole head's size
             from .distributed import class_range
 
             classes = class_range(classes, device, process_group)[1]
+        elif sharded_classes is not False:
+            classes = sharded_classes[1]
         raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
                      allow_all_ignored=True)
     return LineSearchResult(

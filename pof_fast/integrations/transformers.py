@@ -21,9 +21,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..causal_lm import causal_lm_rows
+from ..distributed import is_dtensor
+from ..head import check_not_partitioned
 from ..optim import SUMMARY_KEYS, PoF
 
-__all__ = ["PoFCallback", "check_lm_head", "find_pof", "untie_lm_head"]
+__all__ = ["PoFCallback", "check_lm_head", "find_pof", "search_rows", "untie_lm_head"]
 
 # Config fields that make the logits something other than h W^T + b of the head, with the value that keeps them
 # affine (the line search along theta0 - t u needs logits affine in t), and what the models do with them.
@@ -42,8 +44,35 @@ NOT_DECODER_INPUTS = ("labels", "shift_labels", "use_cache", "past_key_values", 
 
 
 def _tied(a: Tensor, b: Tensor) -> bool:
-    """The same parameter, or two that start at the same memory (``data_ptr``: meta tensors have none)."""
-    return a is b or (a.device == b.device and a.device.type != "meta" and a.data_ptr() == b.data_ptr())
+    """The same parameter, or two that start at the same memory (``data_ptr``: meta tensors have none). DTensors
+    (FSDP2, tensor parallel) are compared by their local shards: the wrapper itself has no memory (data_ptr 0)."""
+    if a is b:
+        return True
+    if is_dtensor(a) or is_dtensor(b):
+        if not (is_dtensor(a) and is_dtensor(b)):
+            return False
+        a, b = a.to_local(), b.to_local()
+        if a.numel() == 0 or b.numel() == 0:  # a rank holding no rows: nothing to share
+            return False
+    return a.device == b.device and a.device.type != "meta" and a.data_ptr() == b.data_ptr()
+
+
+def _fsdp2(module: nn.Module) -> bool:
+    """Whether ``module`` was ``fully_shard``-ed (FSDP2)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _module_class(module: nn.Module) -> type:
+    """The module's own class: under FSDP2's ``fully_shard`` the class is ``FSDP<cls>(FSDPModule, cls)``."""
+    if not _fsdp2(module):
+        return type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 def _configs(model: nn.Module) -> list:
@@ -87,7 +116,8 @@ def check_lm_head(model: nn.Module) -> nn.Linear:
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None): "
                         "PoF post-trains a causal LM around its linear LM head")
-    if type(head) is not nn.Linear or not head.weight.is_floating_point():
+    check_not_partitioned(head)
+    if _module_class(head) is not nn.Linear or not head.weight.is_floating_point():
         raise TypeError(
             f"the LM head is a {type(head).__module__}.{type(head).__name__} with {head.weight.dtype} weights, not a "
             "plain torch.nn.Linear: PoF perturbs the head's float weights directly (do not put an adapter or "
@@ -161,16 +191,18 @@ def _mixed_precision() -> ContextManager:
 
 
 @torch.no_grad()
-def _search_rows(model: nn.Module, batch: Mapping[str, Any], ignore_index: int) -> tuple[Tensor, Tensor]:
+def search_rows(model: nn.Module, batch: Mapping[str, Any], ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """``(features [B, T, D], target [B, T])`` of a search batch: the decoder's final hidden states and the next
-    tokens' labels (the batch's ``shift_labels`` as they are, when it has them)."""
+    tokens' labels (the batch's ``shift_labels`` as they are, when it has them), without gradients and without the
+    head's logits. Under FSDP2 (the model ``fully_shard``-ed) the decoder runs as a forward of the root (its
+    parameters gathered by FSDP's hooks, resharded after), so that a custom loop can call it as the callback does."""
     decoder = _decoder(model)
     if "labels" not in batch and "shift_labels" not in batch:
         raise ValueError("the search batch has no 'labels': PoFCallback needs a causal-LM collator's labels "
                          f"(-100 where the loss skips a token); its keys are {sorted(batch)}")
     named, takes_kwargs = _decoder_inputs(decoder)
     inputs = {k: v for k, v in batch.items() if k in named or (takes_kwargs and k in PACKING_KEYS)}
-    return _paired(decoder(**inputs, use_cache=False).last_hidden_state, batch, ignore_index)
+    return _paired(_decoder_forward(model, decoder)(**inputs, use_cache=False).last_hidden_state, batch, ignore_index)
 
 
 def _paired(hidden: Tensor, batch: Mapping[str, Any], ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -206,6 +238,32 @@ class TrainingRows:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+FSDP_FORWARD = "_pof_fast_decoder_forward"
+
+
+def _decoder_forward(model: nn.Module, decoder: nn.Module) -> Callable[..., Any]:
+    """The decoder's forward; under FSDP2 (the model ``fully_shard``-ed) run as a forward of the root, so that the
+    root's parameters (embeddings, final norm) are gathered by FSDP's hooks, and resharded after it: the root keeps
+    them gathered after a forward otherwise, and the next forward would not gather the perturbed head."""
+    if not _fsdp2(model):
+        return decoder
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if FSDP_FORWARD not in vars(model):  # once: an instance attribute FSDP wraps with the root's hooks
+        setattr(model, FSDP_FORWARD, lambda **inputs: _decoder(model)(**inputs))
+        register_fsdp_forward_method(model, FSDP_FORWARD)
+
+    def forward(**inputs: Any) -> Any:
+        try:
+            return getattr(model, FSDP_FORWARD)(**inputs)
+        finally:
+            model.reshard()
+
+    return forward
+
+
 
 
 class SearchBatches:
@@ -322,6 +380,9 @@ class PoFCallback(TrainerCallback):
     (means since the last log). PoF's state (theta0, gamma stream, base optimizer) is the optimizer's state, so
     Trainer's checkpoints hold it and ``resume_from_checkpoint`` continues the run. Under ``torchrun`` a PoF built
     without a process group gets the world group: every rank searches the union of the ranks' search batches.
+    With FSDP2 (``fsdp_config={"fsdp_version": 2}``; build PoF through ``optimizer_cls_and_kwargs`` so that it gets
+    the sharded head) the head's mesh says which ranks' tokens are searched together, the search forward runs
+    under the FSDP2 root's hooks (:func:`search_rows`), and no head is gathered (docs/sharded.md).
 
     At Trainer construction the model is checked (:func:`check_lm_head`: tied head, non-affine logits) and the
     head's ``requires_grad`` is turned off, so that Trainer's ``optimizer_cls_and_kwargs`` leaves it out.
@@ -367,7 +428,7 @@ class PoFCallback(TrainerCallback):
         rank, world = 0, 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rank, world = dist.get_rank(), dist.get_world_size()
-            if pof.process_group is None:
+            if pof.process_group is None and not is_dtensor(head.weight):  # a sharded head's mesh says it already
                 pof.set_process_group(dist.group.WORLD)
         data, collate_fn = self.search_data, self.collate_fn
         examples = data is None or _is_dataset(data)
@@ -394,7 +455,7 @@ class PoFCallback(TrainerCallback):
         batch = _to_device(self._batches(state.global_step), pof.head.weight.device)
         model.train()  # as Trainer's training forward runs (dropout, if any, included)
         with _mixed_precision():
-            features, target = _search_rows(model, batch, pof.search_kwargs["ignore_index"])
+            features, target = search_rows(model, batch, pof.search_kwargs["ignore_index"])
         pof.perturb(features, target)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
