@@ -115,8 +115,10 @@ build() {  # build KIND: the wheel of that kind in $OUT
   [ "$kind" = cpu ] && env=(env POF_FAST_BUILD_CUDA=0)
   [ -n "$cuda_home" ] && env+=(CUDA_HOME="$cuda_home")
   say "building the $kind wheel under $torch${cuda_home:+ (CUDA_HOME=$cuda_home)}"
+  local t1=$SECONDS
   "${env[@]}" "${NICE[@]}" "$WORK/build-$kind/bin/pip" wheel --no-build-isolation --no-deps -v -w "$WORK/raw-$kind" \
     "$SOURCE" > "$WORK/build-$kind.log" 2>&1 || { grep -E 'pof_fast setup|rror' "$WORK/build-$kind.log" | tail -20; exit 1; }
+  local compiled=$((SECONDS - t1))
   grep 'pof_fast setup' "$WORK/build-$kind.log" | sed 's/^ */build-wheels:   /'
   # torch's libraries (libtorch*, libc10*) and CUDA's (libcudart, from the user's torch and its nvidia-* packages)
   # are never bundled; auditwheel fails if a symbol needs a glibc newer than 2.28 (csrc/glibc_compat.h).
@@ -126,7 +128,7 @@ build() {  # build KIND: the wheel of that kind in $OUT
   local wheel; wheel="$(ls "$WORK/dist-$kind"/pof_fast-*.whl)"
   cp "$wheel" "$OUT/"
   WHEEL[$kind]="$OUT/$(basename "$wheel")"
-  say "built $(basename "$wheel") in $((SECONDS - t0)) s (venv, compile and repair; MAX_JOBS=$MAX_JOBS)"
+  say "built $(basename "$wheel") in $((SECONDS - t0)) s (pip wheel: $compiled s, MAX_JOBS=$MAX_JOBS, niced; load $(cut -d' ' -f1-3 /proc/loadavg))"
   check_static "$OUT/$(basename "$wheel")" "$kind"
   rm -rf "$WORK/build-$kind" "$WORK/raw-$kind"
 }
