@@ -47,14 +47,14 @@ say() { echo "build-wheels: $*"; }
 venv() {  # venv DIR PIP-ARGS...: a fresh venv with those packages
   rm -rf "$1"
   python3 -m venv "$1"
-  "${NICE[@]}" "$1/bin/pip" install --quiet "${@:2}"
+  "${NICE[@]}" "$1/bin/pip" install --quiet "${@:2}" 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 }
 
 # --- the sdist: every wheel is built from it ---
 rm -rf "$WORK/src" && mkdir -p "$WORK/src"
 git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src")
 venv "$WORK/sdist-venv" setuptools wheel build
-(cd "$WORK/src" && POF_FAST_BUILD_EXT=0 "$WORK/sdist-venv/bin/python" -m build --sdist --no-isolation -o "$OUT" . \
+(cd "$WORK/src" && POF_FAST_BUILD_EXT=0 "$WORK/sdist-venv/bin/python" -m build --sdist --no-isolation --skip-dependency-check -o "$OUT" . \
   > "$WORK/sdist.log" 2>&1) || { tail -30 "$WORK/sdist.log"; exit 1; }
 SDIST="$(ls -t "$OUT"/pof_fast-*.tar.gz | head -1)"
 say "sdist $(basename "$SDIST") ($(du -k "$SDIST" | cut -f1) KiB)"
