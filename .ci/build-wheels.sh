@@ -56,12 +56,12 @@ git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" &&
 venv "$WORK/sdist-venv" setuptools wheel build
 (cd "$WORK/src" && POF_FAST_BUILD_EXT=0 "$WORK/sdist-venv/bin/python" -m build --sdist --no-isolation --skip-dependency-check -o "$OUT" . \
   > "$WORK/sdist.log" 2>&1) || { tail -30 "$WORK/sdist.log"; exit 1; }
-SDIST="$(ls -t "$OUT"/pof_fast-*.tar.gz | head -1)"
+SDIST="$(ls -t "$OUT"/pof[-_]fast-*.tar.gz | head -1)"
 say "sdist $(basename "$SDIST") ($(du -k "$SDIST" | cut -f1) KiB)"
 # The wheels are built from the sdist's files (unpacked: pip would refuse an sdist named 0.1.0 whose build says
 # 0.1.0+cu13).
 rm -rf "$WORK/unpacked" && mkdir "$WORK/unpacked" && tar -xzf "$SDIST" -C "$WORK/unpacked"
-SOURCE="$(ls -d "$WORK"/unpacked/pof_fast-*)"
+SOURCE="$(ls -d "$WORK"/unpacked/pof[-_]fast-*)"
 declare -A WHEEL
 
 check_static() {  # check_static WHEEL KIND: stable ABI, nothing bundled, tags, metadata, size
