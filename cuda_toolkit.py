@@ -94,12 +94,24 @@ def query_nvcc(path: str) -> Nvcc:
     dryrun = _run([path, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull]) or ""
     top = re.search(r"^#\$ TOP=(.*)$", dryrun, re.M)
     includes = re.search(r"^#\$ INCLUDES=(.*)$", dryrun, re.M)
-    home = os.path.normpath(top.group(1).strip()) if top else os.path.dirname(
-        os.path.dirname(os.path.realpath(path)))
+    home = os.path.normpath(top.group(1).strip()) if top else os.path.dirname(os.path.dirname(_behind(path)))
     include_dirs = tuple(os.path.normpath(p) for p in re.findall(r'"?-I"?([^"\s]+)', includes.group(1))) \
         if includes else ()
     return Nvcc(found=path, home=home, version=(int(release.group(1)), int(release.group(2))),
                 include_dirs=include_dirs)
+
+
+def _behind(path: str) -> str:
+    """The nvcc that a symlink or a wrapper script (`exec /opt/cuda/bin/nvcc "$@"`) leads to, for an nvcc that does
+    not say where it runs from."""
+    real = os.path.realpath(path)
+    try:
+        with open(real, "rb") as script:
+            head = script.read(4096)
+    except OSError:
+        return real
+    target = re.search(rb'exec\s+"?(/[^"\s]*/bin/nvcc)\b', head) if head.startswith(b"#!") else None
+    return os.path.realpath(target.group(1).decode()) if target else real
 
 
 def _toolkit_includes(home: str) -> list:

@@ -88,6 +88,13 @@ def test_a_symlinked_nvcc_that_prints_no_settings_is_resolved_by_its_real_path(t
     assert (found.include_dir, found.library_dir) == (str(toolkit / "include"), str(toolkit / "lib64"))
 
 
+def test_a_wrapper_script_of_an_nvcc_that_prints_no_settings_is_read_for_its_exec_line(tmp_path):
+    toolkit = _toolkit(tmp_path / "cuda-13.0", layout="include", dryrun=False)
+    _script(tmp_path / "bin" / "nvcc", f'exec "{toolkit}/bin/nvcc" "$@"\n')
+    found = cuda_toolkit.find("13.0", _env(tmp_path), [])
+    assert found.nvcc.home == str(toolkit) and found.include_dir == str(toolkit / "include"), found
+
+
 def test_cuda_home_comes_first_and_its_nvcc_is_the_one_run(tmp_path):
     on_path = _toolkit(tmp_path / "path-cuda")
     _script(tmp_path / "bin" / "nvcc", f'exec {on_path}/bin/nvcc "$@"\n')
