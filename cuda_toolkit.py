@@ -7,8 +7,8 @@ beside it:
 1. ``CUDA_HOME``, else ``CUDA_PATH``: ``include/`` and ``targets/<arch>/include/``;
 2. the toolkit behind the nvcc found (``$CUDA_HOME/bin/nvcc``, else the first ``nvcc`` on ``PATH``, else
    ``/usr/local/cuda/bin/nvcc``): a symlink or a wrapper script is followed by asking nvcc itself where it runs
-   from (``nvcc --dryrun`` prints the real toolkit's ``TOP`` and ``INCLUDES``), then ``include/`` and
-   ``targets/<arch>/include/`` there;
+   from (``nvcc --dryrun`` prints the real toolkit's ``TOP`` and ``INCLUDES``; failing that, the symlink is
+   resolved and a script's ``exec .../bin/nvcc`` line read), then ``include/`` and ``targets/<arch>/include/`` there;
 3. the CUDA packages that torch's pip wheel depends on: ``site-packages/nvidia/cu<major>/`` (CUDA 13 and later)
    and ``site-packages/nvidia/cuda_runtime/`` (CUDA 12).
 
