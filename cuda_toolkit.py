@@ -170,8 +170,7 @@ def find(torch_cuda: str, env: Mapping[str, str], site_dirs: Sequence[str]) -> T
         raise Missing(f"no nvcc: none at $CUDA_HOME/bin, on PATH or at {DEFAULT_NVCC}")
     nvcc = query_nvcc(path)
     if nvcc.version[0] != major:
-        raise Missing(f"nvcc at {path} is CUDA {nvcc.version[0]}.{nvcc.version[1]} but torch is built with CUDA "
-                      f"{torch_cuda}: a CUDA {major} nvcc is needed")
+        raise Missing(f"nvcc at {path} is CUDA {nvcc.version[0]}.{nvcc.version[1]}, not CUDA {major}")
     looked = []
     for where, folder in candidates(env, nvcc, site_dirs, major):
         header = _header_major(folder)
