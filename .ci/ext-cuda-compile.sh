@@ -60,6 +60,13 @@ if nm -D --undefined-only "$SO" | grep -E ' _ZN[KRO]*(3c10|2at|5torch)'; then
   echo "ext-cuda-compile: $SO imports C++ symbols of torch (above): not on the stable ABI" >&2
   exit 1
 fi
+# manylinux_2_28 (the release wheels, .ci/build-wheels.sh): no glibc symbol version above 2.28 (csrc/glibc_compat.h).
+too_new="$(objdump -T "$SO" | grep -oE '\(GLIBC_2\.[0-9]+' | sort -u | awk -F. '$2 > 28')"
+if [ -n "$too_new" ]; then
+  objdump -T "$SO" | grep -E "$(echo "$too_new" | tr '\n' '|' | sed 's/(/\\(/g; s/|$//')"
+  echo "ext-cuda-compile: $SO needs glibc symbol versions newer than 2.28 (above): not manylinux_2_28" >&2
+  exit 1
+fi
 (cd "$WORK" && "$WORK/venv/bin/python" "$ROOT/.ci/wheel-load-check.py" cu13)
 echo "ext-cuda-compile: built and loaded ($SO, CUDA arch $TORCH_CUDA_ARCH_LIST, $((SECONDS - start)) s)"
 
