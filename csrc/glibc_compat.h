@@ -8,6 +8,9 @@
 // every x86-64 glibc has. Only the float64 paths call them.
 __asm__(".symver exp,exp@GLIBC_2.2.5");
 __asm__(".symver log,log@GLIBC_2.2.5");
+// glibc 2.34 moved dlsym from libdl into libc under a new version; torch's headers call it inline under USE_CUDA
+// (the CUDA build). Every x86-64 glibc still exports the old version.
+__asm__(".symver dlsym,dlsym@GLIBC_2.2.5");
 #endif
 
 // libstdc++ (GCC >= 11, on glibc >= 2.32) reads glibc's __libc_single_threaded to skip the atomic reference counts

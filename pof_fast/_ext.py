@@ -40,6 +40,11 @@ class Required(ImportError):
     """``POF_FAST_REQUIRE_EXT=1`` and ``pof_fast._C`` cannot load: raised at first use instead of falling back."""
 
 
+class CudaMismatch(ImportError):
+    """``pof_fast._C`` holds CUDA kernels of another CUDA major than torch's (or torch is no CUDA build): it is not
+    loaded; the message names the wheel to take."""
+
+
 def _required() -> bool:
     return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -105,11 +110,33 @@ def _file_build() -> Optional[Dict[str, str]]:
     return _parse_build(data[start:end if end > 0 else None].decode("ascii", "replace"))
 
 
+def _check_cuda_major() -> None:
+    """Raise :class:`CudaMismatch` before loading a file whose CUDA kernels are of another CUDA major than torch's
+    (its libcudart.so.<major> is not torch's; one that happened to load would run with a second CUDA runtime)."""
+    built = (_file_build() or {}).get("cuda", "none")
+    if not built.isdigit():
+        return
+    major, ours = int(built) // 1000, torch.version.cuda
+    if ours is not None and int(ours.split(".")[0]) == major:
+        return
+    from . import __version__
+
+    base = __version__.split("+")[0]
+    if ours is None:
+        have, take = "is not a CUDA build", f"the CPU wheel (pof_fast-{base}-cp310-abi3-manylinux_2_28_x86_64.whl)"
+    else:
+        want = ours.split(".")[0]
+        have = f"is a CUDA {ours} build"
+        take = f"the CUDA {want} wheel (pof_fast-{base}+cu{want}-cp310-abi3-manylinux_2_28_x86_64.whl)"
+    raise CudaMismatch(f"pof_fast._C holds CUDA {major} kernels but torch {torch.__version__} {have}: take {take}")
+
+
 def _load() -> Optional[ModuleType]:
     global _module, _error, _tried
     if not _tried:
         _tried = True
         try:
+            _check_cuda_major()
             module = importlib.import_module("pof_fast._C")
             _register_fakes()
             _module = module
@@ -124,6 +151,8 @@ def _load() -> Optional[ModuleType]:
 
 def _why() -> str:
     """The failure kept by _load, as one sentence."""
+    if isinstance(_error, CudaMismatch):
+        return str(_error)
     first = str(_error).splitlines()[0] if str(_error) else ""
     error = f"{type(_error).__name__}: {first}"
     if isinstance(_error, ModuleNotFoundError) and _error.name == "pof_fast._C":
@@ -139,6 +168,8 @@ def _fix() -> str:
     build = "build it with `pip install --no-build-isolation .`"
     if isinstance(_error, ModuleNotFoundError):
         return build
+    if isinstance(_error, CudaMismatch):
+        return f"or {build} under this torch; {REQUIRE_ENV}=1 makes this an error"
     return f"use a torch it supports, or {build} under this one; {REQUIRE_ENV}=1 makes this an error"
 
 

@@ -59,23 +59,26 @@ def test_backends_report_the_abi_target():
     assert report.extension in repr(report) and report["cpp"] is True
 
 
-def _package_copy(tmp_path: Path, broken: bool) -> Path:
-    """pof_fast copied without its compiled extension; ``broken``: with a ``_C`` that cannot load."""
+def _package_copy(tmp_path: Path, broken: bool, build: bytes = FOREIGN_BUILD) -> Path:
+    """pof_fast copied without its compiled extension; ``broken``: with a ``_C`` that cannot load (``build``: its
+    build line)."""
     root = tmp_path / "site"
     shutil.copytree(Path(pof_fast.__file__).parent, root / "pof_fast",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     if broken:
-        (root / "pof_fast" / "_C.abi3.so").write_bytes(b"not a shared object\0" + FOREIGN_BUILD + b"\0")
+        (root / "pof_fast" / "_C.abi3.so").write_bytes(b"not a shared object\0" + build + b"\0")
     return root
 
 
-def _child(root: Path, require: bool) -> dict:
+def _child(root: Path, require: bool, torch_cuda: str = "") -> dict:
     env = {key: value for key, value in os.environ.items()
            if key not in ("POF_FAST_REQUIRE_EXT", "TRITON_INTERPRET", "PYTHONPATH")}
     env["PYTHONPATH"] = str(root)
     if require:
         env["POF_FAST_REQUIRE_EXT"] = "1"
-    done = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True, text=True)
+    # torch_cuda: the child's torch poses as a CUDA build of that version (None: as a CPU build) before first use.
+    code = (f"import torch; torch.version.cuda = {torch_cuda}\n" if torch_cuda else "") + CHILD
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "package" not in result or result["package"].startswith(str(root)), result
@@ -102,3 +105,30 @@ def test_require_ext_makes_a_load_failure_an_error_in_a_user_process(tmp_path, b
     error = result.get("error", "")
     assert error.startswith("Required: POF_FAST_REQUIRE_EXT=1 and pof_fast._C "), result
     assert ("was built against torch 9.9.0" if broken else "is not built") in error
+
+
+CUDA13_BUILD = b"pof_fast._C build: torch=2.14.1; abi=2.10; cuda=13000;"
+
+
+@pytest.mark.parametrize("torch_cuda, take", [
+    ("None", f"take the CPU wheel (pof_fast-{pof_fast.__version__}-cp310-abi3-manylinux_2_28_x86_64.whl)"),
+    ("'12.8'", f"take the CUDA 12 wheel (pof_fast-{pof_fast.__version__}+cu12-cp310-abi3-manylinux_2_28_x86_64.whl)"),
+], ids=["cpu-torch", "cuda12-torch"])
+def test_a_cuda_wheel_of_another_cuda_major_is_not_loaded_and_names_the_wheel_to_take(tmp_path, torch_cuda, take):
+    root = _package_copy(tmp_path, broken=True, build=CUDA13_BUILD)
+    result = _child(root, require=False, torch_cuda=torch_cuda)
+    assert result["same"], result
+    (message,) = result["warnings"]
+    have = "is not a CUDA build" if torch_cuda == "None" else "is a CUDA 12.8 build"
+    assert message.startswith(f"pof_fast._C holds CUDA 13 kernels but torch {torch.__version__} {have}: {take}; "
+                              "using the 'torch' backend"), message
+    error = _child(root, require=True, torch_cuda=torch_cuda)["error"]
+    assert error.startswith("Required: POF_FAST_REQUIRE_EXT=1 and pof_fast._C holds CUDA 13 kernels") and take in error
+
+
+def test_a_cuda_wheel_of_torchs_cuda_major_is_loaded(tmp_path):
+    """Same major: the file is loaded; here it is no shared object, so the load fails with the usual message."""
+    result = _child(_package_copy(tmp_path, broken=True, build=CUDA13_BUILD), require=False, torch_cuda="'13.2'")
+    (message,) = result["warnings"]
+    assert message.startswith("pof_fast._C was built against torch 2.14.1 (stable ABI, supports torch >= 2.10); it "
+                              f"cannot load in torch {torch.__version__}: ImportError:"), message
