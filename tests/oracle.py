@@ -26,6 +26,27 @@ def line_derivatives(z0: Tensor, d: Tensor, y: Tensor, t: float, ignore_index: i
     return loss.item(), first.item(), second.item()
 
 
+def exact_step(z0: Tensor, d: Tensor, y: Tensor, max_step: float, ignore_index: int = -100) -> float:
+    """The minimiser of the float64 line on [0, max_step] by bisection on l' (autograd) to 1e-12: 0 when
+    l'(0) >= 0, max_step when l'(max_step) < 0."""
+    z0, d, y = z0.double().cpu(), d.double().cpu(), y.cpu()
+
+    def slope(t: float) -> float:
+        tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+        (first,) = torch.autograd.grad(F.cross_entropy(z0 - tt * d, y, ignore_index=ignore_index), tt)
+        return first.item()
+
+    if slope(0.0) >= 0:
+        return 0.0
+    if slope(max_step) < 0:
+        return max_step
+    lo, hi = 0.0, max_step
+    while hi - lo > 1e-12:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
 def residual(z0: Tensor, y: Tensor, ignore_index: int = -100) -> Tensor:
     """``[n, C]`` float64 dL/dz0 of the mean cross-entropy by autograd (softmax - onehot over m)."""
     z = z0.double().clone().requires_grad_(True)
