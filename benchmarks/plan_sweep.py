@@ -21,12 +21,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pof_fast import dispatch, plans  # noqa: E402
 from pof_fast._types import SearchPlan  # noqa: E402
+from pof_fast.backends.compiled import stores_16bit_lines  # noqa: E402
 from pof_fast.bench import plan_problems  # noqa: E402
 from pof_fast.bench.cases import CASES, Problem  # noqa: E402
 from pof_fast.bench.environment import write_json  # noqa: E402
@@ -61,16 +61,6 @@ def newton_plan(rounds: int, points: int, normalized: bool = True, max_step: flo
                       logits_free=logits_free)
 
 
-def searched_line(h, w, b, y, result):
-    """float64 (z0, d) of the line a search returned: z0 in the input dtype (as the backends store it), d from the
-    returned direction."""
-    z0 = F.linear(h, w, b).double()
-    d = h.double() @ result.weight_direction.double().t()
-    if b is not None:
-        d = d + result.bias_direction.double()
-    return z0, d
-
-
 def accuracy(backend, device: str, rounds: int, points: int, dtype: str) -> dict:
     """Every problem of the set, in ``dtype`` ("problem" keeps each one's own): path, t*, t_exact, error, met."""
     rows = []
@@ -80,10 +70,13 @@ def accuracy(backend, device: str, rounds: int, points: int, dtype: str) -> dict
         h, w, b, y = plan_problems.make(problem, device)
         plan = newton_plan(rounds, points, problem.normalized, problem.max_step)
         out = backend.line_search(h, w, b, y, plan)
-        z0, d = searched_line(h, w, b, y, out)
+        path = backend.plan_path(h, w, plan)
+        u_b = out.bias_direction if b is not None else None  # the op returns [0] for a head without bias
+        stored_16bit = backend.name == "cpp" and stores_16bit_lines(h, w)
+        z0, d = plan_problems.searched_line(h, w, b, out.weight_direction, u_b, stored_16bit)
         exact = plan_problems.exact_step(z0, d, y, problem.max_step)
         step = float(out.step)
-        rows.append(dict(problem=problem.name, dtype=problem.dtype, path=backend.plan_path(h, w, plan), step=step,
+        rows.append(dict(problem=problem.name, dtype=problem.dtype, path=path, step=step,
                          exact=exact, error=abs(step - exact) / max(1.0, exact),
                          met=plans.within_tolerance(step, exact)))
     return dict(rows=rows, met=all(r["met"] for r in rows), worst=max(r["error"] for r in rows))

@@ -16,6 +16,7 @@ import oracle
 import pof_fast
 from pof_fast import dispatch, plans
 from pof_fast._types import SearchPlan
+from pof_fast.backends.compiled import stores_16bit_lines
 from pof_fast.bench import plan_problems
 from problems import head_problem, line_problem
 
@@ -168,17 +169,16 @@ def newton_cases():
 @pytest.mark.parametrize("name,device,problem", newton_cases())
 def test_newton_meets_the_accuracy_of_the_plan_table(name, device, problem):
     """|t* - t_exact| <= 1e-3 max(1, t_exact) with the plan of the path that runs, t_exact by float64 bisection on the
-    line searched (z0 as the backends form it, d along the direction returned)."""
+    line searched (z0 as the backends form it, d along the direction returned, rounded as a 16-bit path stores it)."""
     backend = use(name)
     h, w, b, y = plan_problems.make(problem, device)
     got = pof_fast.line_search(h, w, b, y, method="newton", direction="normalized" if problem.normalized else "raw",
                                max_step=problem.max_step, backend=name)
     path = backend.plan_path(h, w, SearchPlan())
     assert got.evaluations == expected_evaluations("newton", path), path
-    z0 = torch.nn.functional.linear(h, w, b).double().cpu()
-    d = h.double().cpu() @ got.weight_direction.double().cpu().t()
-    if b is not None:
-        d = d + got.bias_direction.double().cpu()
+    z0, d = plan_problems.searched_line(h.cpu(), w.cpu(), None if b is None else b.cpu(), got.weight_direction.cpu(),
+                                        None if b is None else got.bias_direction.cpu(),
+                                        name == "cpp" and stores_16bit_lines(h, w))
     exact = oracle.exact_step(z0, d, y, problem.max_step)
     step = got.step.item()
     assert abs(step - exact) <= plans.TOLERANCE * max(1.0, exact), (path, step, exact)

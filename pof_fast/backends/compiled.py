@@ -17,10 +17,15 @@ from .. import _ext, plans
 from .._types import HALF_DTYPES, HeadGradient, SearchOutcome, SearchPlan, SearchTensors, gram_cheaper
 from .base import Backend, BackendUnavailable
 
-__all__ = ["CppBackend", "CudaBackend", "NARROW_CLASSES"]
+__all__ = ["CppBackend", "CudaBackend", "NARROW_CLASSES", "stores_16bit_lines"]
 
 # csrc/line_stats.cpp kNarrow: fp32-accumulated rows of at most this many classes put candidates in the SIMD lanes.
 NARROW_CLASSES = 32
+
+
+def stores_16bit_lines(features: Tensor, weight: Tensor) -> bool:
+    """csrc/common.h ``stores_16bit_lines``: 16-bit inputs whose d is formed as h u_W^T keep z0 and d in 16 bits."""
+    return features.dtype in HALF_DTYPES and not gram_cheaper(*features.shape, weight.shape[0])
 
 
 def _cpu_scorer_path(classes: int, dtype: torch.dtype, stored_16bit: bool) -> str:
@@ -49,9 +54,7 @@ class CppBackend(Backend):
         return device.type == self.device_type
 
     def plan_path(self, features: Tensor, weight: Tensor, plan: SearchPlan) -> str:
-        # csrc/common.h stores_16bit_lines: 16-bit inputs whose d is formed as h u_W^T keep z0 and d in 16 bits.
-        stored_16bit = features.dtype in HALF_DTYPES and not gram_cheaper(*features.shape, weight.shape[0])
-        return _cpu_scorer_path(weight.shape[0], features.dtype, stored_16bit)
+        return _cpu_scorer_path(weight.shape[0], features.dtype, stores_16bit_lines(features, weight))
 
     def line_path(self, logits: Tensor, direction: Tensor) -> str:
         stored_16bit = logits.dtype in HALF_DTYPES and direction.dtype in HALF_DTYPES

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import reference
 
-__all__ = ["PlanProblem", "PROBLEMS", "make", "exact_step"]
+__all__ = ["PlanProblem", "PROBLEMS", "make", "searched_line", "exact_step"]
 
 
 class PlanProblem(NamedTuple):
@@ -84,6 +84,21 @@ def make(problem: PlanProblem, device="cpu") -> tuple[Tensor, Tensor, Optional[T
     w = (w * p.fit).to(device=device, dtype=dtype)
     b = None if b is None else (b * p.fit).to(device=device, dtype=dtype)
     return h.to(device=device, dtype=dtype), w, b, y.to(device)
+
+
+def searched_line(features: Tensor, weight: Tensor, bias: Optional[Tensor], weight_direction: Tensor,
+                  bias_direction: Optional[Tensor], stored_16bit: bool) -> tuple[Tensor, Tensor]:
+    """float64 (z0, d) of the line a search scored: z0 = h W^T + b in the input dtype (as every backend forms it), d
+    along the direction the search returned; on a 16-bit storage path (``stored_16bit``) d rounded to the input dtype
+    as it is stored there, so that t_exact is the minimiser of the line the plan searched."""
+    z0 = F.linear(features, weight, bias).double().cpu()
+    if stored_16bit:
+        u_b = None if bias_direction is None else bias_direction.to(features.dtype)
+        return z0, F.linear(features, weight_direction.to(features.dtype), u_b).double().cpu()
+    d = features.double() @ weight_direction.double().t()
+    if bias_direction is not None:
+        d = d + bias_direction.double()
+    return z0, d.cpu()
 
 
 def exact_step(logits: Tensor, direction: Tensor, target: Tensor, max_step: float, ignore_index: int = -100) -> float:
