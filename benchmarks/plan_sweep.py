@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -30,7 +29,7 @@ from pof_fast.backends.compiled import stores_16bit_lines  # noqa: E402
 from pof_fast.bench import plan_problems  # noqa: E402
 from pof_fast.bench.cases import CASES, Problem  # noqa: E402
 from pof_fast.bench.environment import write_json  # noqa: E402
-from pof_fast.bench.timing import synchronize  # noqa: E402
+from pof_fast.bench.timing import interleaved  # noqa: E402
 
 PLANS = "8x8,4x8,3x16,3x12,5x4,4x6,4x5,6x3,5x3,4x4,7x2,6x2,5x2"
 BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton")}
@@ -97,17 +96,7 @@ def timings(backend, device: str, path: str, plan_list: list, budget_s: float) -
             continue
         calls = [lambda r=r, k=k: backend.line_search(h, w, b, y, newton_plan(r, k, logits_free=logits_free))
                  for r, k in plan_list]
-        samples = [[] for _ in calls]
-        for call in calls:  # warm-up
-            call()
-        start = time.perf_counter()
-        while len(samples[0]) < 3 or (time.perf_counter() - start < budget_s and len(samples[0]) < 50):
-            for call, times in zip(calls, samples):
-                synchronize(device)
-                t0 = time.perf_counter()
-                call()
-                synchronize(device)
-                times.append(time.perf_counter() - t0)
+        samples = interleaved(calls, device, budget_s, min_rounds=3, max_rounds=50)
         base = samples[0]
         for (r, k), times in zip(plan_list, samples):
             rows.append(dict(shape=label, n=n, dim=dim, classes=classes, dtype=dtype, plan=f"{r}x{k}",

@@ -1,4 +1,5 @@
-"""Independent float64 oracles for the tests, written without pof_fast's code.
+"""Independent float64 oracles for the tests, written without pof_fast's search code (one generic bisection loop
+aside, from pof_fast.bench).
 
 Loss values come from ``torch.nn.functional.cross_entropy`` one candidate at a time, derivatives
 from autograd through a scalar t, the head gradient from autograd through the head.
@@ -12,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The accuracy Newton's plans promise (pof_fast.plans.TOLERANCE, restated: the oracle does not import pof_fast).
+from pof_fast.bench.plan_problems import bisect_minimiser
+
+# The accuracy Newton's plans promise (pof_fast.plans.TOLERANCE, restated: the tests state the criterion themselves).
 PLAN_TOLERANCE = 1e-3
 
 
@@ -30,8 +33,8 @@ def line_derivatives(z0: Tensor, d: Tensor, y: Tensor, t: float, ignore_index: i
 
 
 def exact_step(z0: Tensor, d: Tensor, y: Tensor, max_step: float, ignore_index: int = -100) -> float:
-    """The minimiser of the float64 line on [0, max_step] by bisection on l' (autograd) to 1e-12: 0 when
-    l'(0) >= 0, max_step when l'(max_step) < 0."""
+    """The minimiser of the float64 line on [0, max_step] by bisection on l' (autograd; the bisection loop, no
+    line math, is the benchmarks' own) to 1e-12: 0 when l'(0) >= 0, max_step when l'(max_step) < 0."""
     z0, d, y = z0.double().cpu(), d.double().cpu(), y.cpu()
 
     def slope(t: float) -> float:
@@ -39,15 +42,7 @@ def exact_step(z0: Tensor, d: Tensor, y: Tensor, max_step: float, ignore_index: 
         (first,) = torch.autograd.grad(F.cross_entropy(z0 - tt * d, y, ignore_index=ignore_index), tt)
         return first.item()
 
-    if slope(0.0) >= 0:
-        return 0.0
-    if slope(max_step) < 0:
-        return max_step
-    lo, hi = 0.0, max_step
-    while hi - lo > 1e-12:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
-    return (lo + hi) / 2
+    return bisect_minimiser(slope, max_step)
 
 
 def residual(z0: Tensor, y: Tensor, ignore_index: int = -100) -> Tensor:

@@ -12,7 +12,7 @@ before the minimum), minima far out (near ``max_step``, or at 1 with max_step 10
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import reference
 
-__all__ = ["PlanProblem", "PROBLEMS", "make", "searched_line", "exact_step"]
+__all__ = ["PlanProblem", "PROBLEMS", "make", "searched_line", "exact_step", "bisect_minimiser"]
 
 
 class PlanProblem(NamedTuple):
@@ -102,14 +102,20 @@ def searched_line(features: Tensor, weight: Tensor, bias: Optional[Tensor], weig
 
 
 def exact_step(logits: Tensor, direction: Tensor, target: Tensor, max_step: float, ignore_index: int = -100) -> float:
-    """t_exact on the float64 line: 0 without descent at 0, max_step when l'(max_step) < 0, else the root of l' by
-    bisection to 1e-12."""
+    """t_exact on the float64 line (l' from :func:`pof_fast.reference.line_stats` in float64): see
+    :func:`bisect_minimiser`."""
     z0, d, y = logits.double().cpu(), direction.double().cpu(), target.cpu()
 
     def slope(t: float) -> float:
         steps = torch.tensor([t], dtype=torch.float64)
         return reference.line_stats(z0, d, y, steps, ignore_index)[1, 0].item()
 
+    return bisect_minimiser(slope, max_step)
+
+
+def bisect_minimiser(slope: Callable[[float], float], max_step: float) -> float:
+    """The minimiser on [0, max_step] of a convex function with non-decreasing derivative ``slope``: 0 when
+    slope(0) >= 0, max_step when slope(max_step) < 0, else the root of ``slope`` by bisection to 1e-12."""
     if slope(0.0) >= 0:
         return 0.0
     if slope(max_step) < 0:
