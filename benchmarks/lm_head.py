@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pof_fast  # noqa: E402
 from pof_fast.bench.environment import write_json  # noqa: E402
 from pof_fast.bench.memory import peak_extra_bytes  # noqa: E402
-from pof_fast.bench.timing import synchronize  # noqa: E402
+from pof_fast.bench.timing import interleaved  # noqa: E402
 
 TIME_TARGET = 1.2  # search / fwd+bwd
 ARRAY_TARGET = 2  # 16-bit [n, C] arrays beyond the inputs and the returned direction
@@ -49,22 +49,6 @@ def head_problem(tokens: int, dim: int, classes: int, dtype: torch.dtype, device
     y = torch.randint(0, classes, (tokens,), generator=g).to(device)
     y[::7] = -100  # prompt/padding tokens
     return h, w, y
-
-
-def interleaved(calls, device: str, budget_s: float, min_rounds: int = 5) -> list:
-    """Seconds of each call in rounds of one call each (after one warm-up call each), until ``budget_s`` is spent."""
-    for call in calls:
-        call()
-    samples = [[] for _ in calls]
-    start = time.perf_counter()
-    while len(samples[0]) < min_rounds or time.perf_counter() - start < budget_s:
-        for call, times in zip(calls, samples):
-            synchronize(device)
-            t0 = time.perf_counter()
-            call()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return samples
 
 
 def summary(times: list) -> dict:

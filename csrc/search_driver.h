@@ -174,7 +174,8 @@ POF_HD Outcome<T> newton(Stats& stats, const Plan& plan) {
     nt = min_nan(max_nan(nt, lo), hi);
     s.steps[0] = nt;
     const T width = sub_rn(hi, lo);
-    for (int j = 1; j < k; ++j) s.steps[j] = add_rn(lo, mul_rn(width, T(j) / T(k)));
+    // the safeguard lo + (hi - lo) (j / k)^2 (drivers.newton): j^2 and k^2 exact, one rounded division
+    for (int j = 1; j < k; ++j) s.steps[j] = add_rn(lo, mul_rn(width, T(j * j) / T(k * k)));
     stats(s.steps, k, s.loss, s.slope, s.curv);
     T lo_new = lo, hi_new = hi;
     int best = 0;

@@ -42,9 +42,11 @@ class SearchPlan:
     """What to search for; validated by :func:`pof_fast.line_search`.
 
     ``method="newton"`` scores the two end points, then ``newton_iterations`` rounds of
-    ``newton_points`` candidates: one safeguarded Newton point plus ``newton_points - 1`` points spread
-    evenly inside the current bracket, so the bracket shrinks at least ``newton_points``-fold per round
-    whatever Newton does. ``logits_free``: None lets the backend decide whether to store z0 and d
+    ``newton_points`` candidates: one safeguarded Newton point plus ``newton_points - 1`` points at
+    lo + (hi - lo) (j / points)^2 inside the current bracket [lo, hi] (closer to lo, where a Newton step from
+    a small t tends to fall short), so each round leaves at most (2 points - 1) / points^2 of the bracket
+    whatever Newton does. None (the default) takes the rounds and points of the path that runs from the plan
+    table (:mod:`pof_fast.plans`). ``logits_free``: None lets the backend decide whether to store z0 and d
     ``[n, C]`` (see :mod:`pof_fast.backends.triton`); True/False forces it.
     """
 
@@ -54,8 +56,8 @@ class SearchPlan:
     max_step: float = 100.0
     partitions: int = 16
     ignore_index: int = -100
-    newton_iterations: int = 8
-    newton_points: int = 8
+    newton_iterations: Optional[int] = None
+    newton_points: Optional[int] = None
     logits_free: Optional[bool] = None
 
 

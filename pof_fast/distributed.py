@@ -49,7 +49,7 @@ def collectives(plan: SearchPlan, sharded_classes: bool = False, layout: Optiona
     ``gathered``; None: when the layout's token dims hold more than one rank, as with plain-tensor features and no
     explicit process group), then the class-sharded search with the class offsets known from the layout.
     """
-    rounds = {"newton": 1 + plan.newton_iterations, "grid": 2, "bracket_grid": 2}[plan.method]
+    rounds = 2 if plan.method != "newton" else 1 + drivers.newton_rounds(plan)[0]
     if layout is not None:
         if gathered is None:
             gathered = any(layout.mesh.size(d) > 1 for d in layout.token_dims)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._types import CURVATURE, LOSS, SLOPE, SearchOutcome, SearchPlan
 
-__all__ = ["StatsFn", "bracket_steps", "evaluations", "bracket_grid", "grid", "newton", "run"]
+__all__ = ["StatsFn", "bracket_steps", "newton_rounds", "evaluations", "bracket_grid", "grid", "newton", "run"]
 
 StatsFn = Callable[[Tensor], Tensor]
 
@@ -32,10 +32,19 @@ def bracket_steps(plan: SearchPlan) -> list[float]:
     return steps + [steps[-1] * 2.0]
 
 
+def newton_rounds(plan: SearchPlan) -> tuple[int, int]:
+    """(rounds, points) of a resolved newton plan; None in either (the default) is the plan table's to fill."""
+    if plan.newton_iterations is None or plan.newton_points is None:
+        raise ValueError("a newton plan's rounds and points are those of its path: pof_fast.plans.resolve it first")
+    return plan.newton_iterations, plan.newton_points
+
+
 def evaluations(plan: SearchPlan) -> int:
-    """Candidate steps ``plan.method`` scores, l(0) included, on every backend."""
+    """Candidate steps ``plan.method`` scores, l(0) included, on every backend (newton: a plan resolved by
+    :func:`pof_fast.plans.resolve`, whose rounds x points depend on the path that runs)."""
     if plan.method == "newton":
-        return 2 + plan.newton_iterations * plan.newton_points
+        rounds, points = newton_rounds(plan)
+        return 2 + rounds * points
     if plan.method == "grid":
         return 1 + plan.partitions
     return len(bracket_steps(plan)) + plan.partitions  # l(0), the bracket but its kept end (never scored), the grid
@@ -85,7 +94,10 @@ def newton(stats: StatsFn, plan: SearchPlan, device: torch.device, dtype: torch.
 
     l' is non-decreasing, so the root of l' is bracketed by [lo, hi] with l'(lo) < 0 <= l'(hi).
     If l'(max_step) < 0 the loss still falls at the cap: t* = max_step, capped. If l'(0) >= 0
-    (g = 0): t* = 0. Otherwise the best point is the scored one with the smallest |l'|.
+    (g = 0): t* = 0. Otherwise the best point is the scored one with the smallest |l'|. A round scores
+    Newton's step from the best point so far (the first from t = 0, with l'(0) and l''(0)) and the safeguard
+    lo + (hi - lo) (j / K)^2, j = 1..K-1: squares, so that the points reach down to small t, where a line whose
+    curvature falls along it leaves Newton short (measured: benchmarks/plan_sweep.py, docs/search-plans.md).
     Every round runs, decided or not: stopping early would need a host sync.
     """
     ends = torch.arange(2, device=device, dtype=dtype) * plan.max_step  # [0, max_step]
@@ -94,9 +106,9 @@ def newton(stats: StatsFn, plan: SearchPlan, device: torch.device, dtype: torch.
     capped = slope_max < 0
     lo, hi = ends[0], ends[1]
     best_t, best_loss, best_slope, best_curv = ends[0], loss0, slope0, s[CURVATURE, 0]
-    k = plan.newton_points
-    spread = torch.arange(1, k, device=device, dtype=dtype) / k
-    for _ in range(plan.newton_iterations):
+    rounds, k = newton_rounds(plan)
+    spread = torch.arange(1, k, device=device, dtype=dtype).square() / (k * k)  # exact: small integers
+    for _ in range(rounds):
         newton_t = best_t - best_slope / best_curv.clamp_min(torch.finfo(dtype).tiny)
         newton_t = torch.where(torch.isfinite(newton_t), newton_t, (lo + hi) / 2)
         newton_t = torch.minimum(torch.maximum(newton_t, lo), hi)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
-from . import dispatch
+from . import dispatch, plans
 from ._types import LOSS, SearchPlan
 from .drivers import evaluations
 
@@ -28,7 +28,8 @@ class LineSearchResult:
     grad_norm:        0-d ||g||.
     loss0, loss:      0-d l(0) and l(t*).
     capped:           0-d bool: t* is at ``max_step`` and the loss still falls there.
-    evaluations:      candidate steps the method scores, l(0) included (the same on every backend).
+    evaluations:      candidate steps the method scored, l(0) included (bracket_grid and grid: the same on every
+                      backend; newton: the rounds x points of the path that ran, :mod:`pof_fast.plans`).
     direction_norm:   0-d ||u|| (1 normalized, ||g|| raw, 0 when g = 0).
     """
 
@@ -184,18 +185,23 @@ def line_search(
     h, w, b = (None if x is None else x.to(dtype) for x in (features, weight, bias))
     plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index,
                       logits_free=logits_free)
-    with torch.autocast(device.type, enabled=False):
-        if process_group is None:
-            out = dispatch.run(backend, device, lambda chosen: chosen.line_search(h, w, b, target, plan))
-        else:
-            from . import distributed
+    if process_group is not None:
+        from . import distributed
+    used = []  # the plan of the path that ran (newton: its rounds x points, pof_fast.plans), for ``evaluations``
 
-            if sharded_classes is not False:
-                offsets = None if sharded_classes is True else sharded_classes
-                out = distributed.sharded_search(h, w, b, target, plan, process_group, offsets)
-            else:
-                out = dispatch.run(backend, device,
-                                   lambda chosen: distributed.union_search(chosen, h, w, b, target, plan, process_group))
+    def search_on(chosen):
+        used.append(chosen.resolve_plan(plan, h, w))
+        if process_group is None:
+            return chosen.line_search(h, w, b, target, used[-1])
+        return distributed.union_search(chosen, h, w, b, target, used[-1], process_group)
+
+    with torch.autocast(device.type, enabled=False):
+        if sharded_classes is not False:  # plain PyTorch ops per rank: the torch path's plan
+            used.append(plans.resolve(plan, "torch"))
+            offsets = None if sharded_classes is True else sharded_classes
+            out = distributed.sharded_search(h, w, b, target, used[-1], process_group, offsets)
+        else:
+            out = dispatch.run(backend, device, search_on)
     # One host read: l(0) + ||g|| is finite iff both are (NaN and inf propagate through the sum).
     if validate and not math.isfinite((out.loss0 + out.grad_norm).item()):
         if sharded_classes is True:  # labels are global class indices: the bound is the whole head's size
@@ -214,6 +220,6 @@ def line_search(
         loss0=out.loss0,
         loss=out.loss,
         capped=out.capped,
-        evaluations=evaluations(plan),
+        evaluations=evaluations(used[-1]),
         direction_norm=out.direction_norm,
     )

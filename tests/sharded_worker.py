@@ -29,7 +29,7 @@ from torch.distributed.tensor import Replicate  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module  # noqa: E402
 
 import pof_fast  # noqa: E402
-from pof_fast import distributed  # noqa: E402
+from pof_fast import distributed, plans  # noqa: E402
 from pof_fast._types import SearchPlan  # noqa: E402
 from pof_fast.integrations.transformers import PoFCallback, search_rows, check_lm_head  # noqa: E402
 from transformers import TrainerControl, TrainerState  # noqa: E402
@@ -134,7 +134,7 @@ def run_layout(layout, rank):
             no_logits=searched_without_logits,
         ))
         logit_calls.clear()
-        out["collectives"].append((calls, distributed.collectives(SearchPlan(), layout=pof._head.layout)))
+        out["collectives"].append((calls, distributed.collectives(plans.resolve(SearchPlan(), "torch"), layout=pof._head.layout)))
     return out
 
 

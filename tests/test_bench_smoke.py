@@ -79,7 +79,11 @@ def test_candidates_are_the_searches_exact_counts(tiny_run):
         elif row["kind"] == "floor":  # the floor scores what its bracket_grid search scores
             assert row["candidates"] == evaluations(plan()), row
         else:
-            assert row["candidates"] == evaluations(plan(row["method"], row["direction"])), row
+            searched = plan(row["method"], row["direction"])
+            if row["method"] == "newton":  # the rounds x points of the backend's path (pof_fast.plans)
+                p = Problem.make(TINY, "cpu")
+                searched = dispatch.load(row["name"]).resolve_plan(searched, p.features, p.weight)
+            assert row["candidates"] == evaluations(searched), row
 
 
 def test_every_search_agrees_with_the_script(tiny_run):

@@ -3,7 +3,9 @@
 Every method (bracket_grid, grid, newton) on regular problems, a capped line, g = 0 (every label
 ignored), ties (a flat line), and the exact count of scored candidates, each against the float64
 oracles of ``oracle.py`` (autograd head gradient, float64 cross-entropy one candidate at a time, the
-script's loop). ``triton`` runs in Triton's interpreter on a CPU-only machine; ``cuda`` needs a GPU.
+script's loop). Newton's t* with the plan of each path (``pof_fast.plans``) against the float64 bisection
+on the plan problem set. ``triton`` runs in Triton's interpreter on a CPU-only machine (the small problems
+only); ``cuda`` needs a GPU.
 """
 import math
 
@@ -12,8 +14,10 @@ import torch
 
 import oracle
 import pof_fast
-from pof_fast import dispatch
+from pof_fast import dispatch, plans
 from pof_fast._types import SearchPlan
+from pof_fast.backends.compiled import stores_16bit_lines
+from pof_fast.bench import plan_problems
 from problems import head_problem, line_problem
 
 GPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,10 +42,11 @@ def use(name):
     return loaded
 
 
-def expected_evaluations(method, init=1.0, cap=100.0, partitions=16, rounds=8, points=8):
-    """Candidates the specification scores, l(0) included, counted from its definition."""
+def expected_evaluations(method, path="torch", init=1.0, cap=100.0, partitions=16):
+    """Candidates the specification scores, l(0) included, counted from its definition (newton: the plan table's
+    rounds x points for the path)."""
     if method == "newton":
-        return 2 + rounds * points
+        return 2 + plans.NEWTON_PLANS[path].rounds * plans.NEWTON_PLANS[path].points
     if method == "grid":
         return 1 + partitions
     doublings = 1 + max(0, math.ceil(math.log2(cap / init)) - 1)  # init * 2^k < cap, the first always scored
@@ -61,13 +66,14 @@ def assert_grid_argmin(got, z0, d, y, end, partitions=16):
 @pytest.mark.parametrize("size", PROBLEMS, ids=["small", "C100"])
 @pytest.mark.parametrize("name,device", BACKENDS)
 def test_every_method_matches_the_float64_oracle(name, device, size, bias):
-    use(name)
+    backend = use(name)
     h, w, b, y = head_problem(**size, bias=bias, ignore_every=5, seed=11, device=device)
+    path = backend.plan_path(h, w, SearchPlan())
     for method, direction in (("bracket_grid", "raw"), ("grid", "normalized"), ("newton", "normalized")):
         z0, d, g_w, g_b, norm, scale = oracle.line(h, w, b, y, direction == "normalized")
         got = pof_fast.line_search(h, w, b, y, method=method, direction=direction, backend=name)
         what = f"{name} {method}"
-        assert got.evaluations == expected_evaluations(method), what
+        assert got.evaluations == expected_evaluations(method, path), what
         assert got.grad_norm.item() == pytest.approx(norm, rel=1e-5), what
         oracle.assert_close(got.weight_direction, g_w * scale, atol=1e-6, rtol=1e-4, what=what)
         if bias:
@@ -146,3 +152,34 @@ def test_a_bad_label_gives_nan_without_validation_and_a_named_error_with_it(name
         assert math.isnan(got.loss0.item()) and math.isnan(got.grad_norm.item())
         with pytest.raises(ValueError, match="target has labels outside \\[0, 3\\)"):
             pof_fast.line_search(h, w, b, y_bad, backend=name)
+
+
+def newton_cases():
+    """(backend, problem) pairs: every problem on the CPU backends and CUDA, the small ones in Triton's interpreter."""
+    cases = []
+    for param in BACKENDS:
+        name, device = param.values
+        for problem in plan_problems.PROBLEMS:
+            if name == "triton" and not problem.small and not torch.cuda.is_available():
+                continue
+            cases.append(pytest.param(name, device, problem, id=f"{name}-{problem.name}", marks=param.marks))
+    return cases
+
+
+@pytest.mark.parametrize("name,device,problem", newton_cases())
+def test_newton_meets_the_accuracy_of_the_plan_table(name, device, problem):
+    """|t* - t_exact| <= 1e-3 max(1, t_exact) with the plan of the path that runs, t_exact by float64 bisection on the
+    line searched (z0 as the backends form it, d along the direction returned, rounded as a 16-bit path stores it)."""
+    backend = use(name)
+    h, w, b, y = plan_problems.make(problem, device)
+    got = pof_fast.line_search(h, w, b, y, method="newton", direction="normalized" if problem.normalized else "raw",
+                               max_step=problem.max_step, backend=name)
+    path = backend.plan_path(h, w, SearchPlan())
+    assert got.evaluations == expected_evaluations("newton", path), path
+    z0, d = plan_problems.searched_line(h.cpu(), w.cpu(), None if b is None else b.cpu(), got.weight_direction.cpu(),
+                                        None if b is None else got.bias_direction.cpu(),
+                                        name == "cpp" and stores_16bit_lines(h, w))
+    exact = oracle.exact_step(z0, d, y, problem.max_step)
+    step = got.step.item()
+    assert abs(step - exact) <= plans.TOLERANCE * max(1.0, exact), (path, step, exact)
+    assert bool(got.capped) == (exact == problem.max_step), (path, step, exact)

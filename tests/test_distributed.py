@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pof_fast
-from pof_fast import distributed
+from pof_fast import dispatch, distributed, plans
 from pof_fast._types import SearchPlan
 from gloo import WORLD, gathered_equal, spawn
 
@@ -68,7 +68,8 @@ def union_worker(rank, classes, sizes, ignored_rank, backend):
             loss=(got.loss.item(), want.loss.item()),
             direction_error=(got.weight_direction - want.weight_direction).abs().max().item(),
             capped=(bool(got.capped), bool(want.capped)),
-            collectives=(calls, distributed.collectives(SearchPlan(method=method))),
+            collectives=(calls, distributed.collectives(
+                dispatch.resolve(backend, h.device).resolve_plan(SearchPlan(method=method), h, w))),
         )
     return out
 
@@ -117,7 +118,8 @@ def sharded_worker(rank, classes, bias):
             grad_norm=(got.grad_norm.item(), want.grad_norm.item()),
             slice_error=(got.weight_direction - want.weight_direction[rows]).abs().max().item(),
             bias_error=0.0 if b is None else (got.bias_direction - want.bias_direction[rows]).abs().max().item(),
-            collectives=(calls, distributed.collectives(SearchPlan(method=method), sharded_classes=True)),
+            collectives=(calls, distributed.collectives(plans.resolve(SearchPlan(method=method), "torch"),
+                                                        sharded_classes=True)),
         )
     return out
 

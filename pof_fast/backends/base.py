@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .. import drivers, reference
+from .. import drivers, plans, reference
 from .._types import (HeadGradient, SearchOutcome, SearchPlan, SearchTensors, accumulation_dtype, assemble,
                       empty_search_tensors)
 
@@ -48,6 +48,18 @@ class Backend:
         """Whether tensors on ``device`` may be given to this backend."""
         return True
 
+    def plan_path(self, features: Tensor, weight: Tensor, plan: SearchPlan) -> str:
+        """The row of :data:`pof_fast.plans.NEWTON_PLANS` that this backend's search of these inputs runs on."""
+        return "torch"
+
+    def line_path(self, logits: Tensor, direction: Tensor) -> str:
+        """The same for a search over stored z0 and d (:meth:`search`)."""
+        return "torch"
+
+    def resolve_plan(self, plan: SearchPlan, features: Tensor, weight: Tensor) -> SearchPlan:
+        """``plan`` with its path's rounds x points where it leaves them None (:func:`pof_fast.plans.resolve`)."""
+        return plans.resolve(plan, self.plan_path(features, weight, plan))
+
     def line_stats(
         self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
     ) -> Tensor:
@@ -66,6 +78,8 @@ class Backend:
 
     def search(self, logits: Tensor, direction: Tensor, target: Tensor, plan: SearchPlan) -> SearchOutcome:
         """Run the plan's method over stored z0 and d with this backend's ``line_stats``."""
+        plan = plans.resolve(plan, self.line_path(logits, direction))
+
         def stats(steps: Tensor) -> Tensor:
             return self.line_stats(logits, direction, target, steps, plan.ignore_index)
 
@@ -82,8 +96,9 @@ class Backend:
     def line_search(
         self, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, plan: SearchPlan
     ) -> SearchTensors:
-        """The whole search as one call of the registered op (one graph node)."""
+        """The whole search as one call of the registered op (one graph node), with the plan of its path."""
         assert self.op is not None, f"backend {self.name!r} has no registered line_search op"
+        plan = self.resolve_plan(plan, features, weight)
         return SearchTensors(*self.op(
             features, weight, bias, target, plan.method, plan.normalized, plan.init_step, plan.max_step,
             plan.partitions, plan.ignore_index, plan.newton_iterations, plan.newton_points, plan.logits_free,

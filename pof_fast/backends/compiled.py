@@ -13,11 +13,26 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _ext
-from .._types import HeadGradient, SearchOutcome, SearchPlan, SearchTensors
+from .. import _ext, plans
+from .._types import HALF_DTYPES, HeadGradient, SearchOutcome, SearchPlan, SearchTensors, gram_cheaper
 from .base import Backend, BackendUnavailable
 
-__all__ = ["CppBackend", "CudaBackend"]
+__all__ = ["CppBackend", "CudaBackend", "NARROW_CLASSES", "stores_16bit_lines"]
+
+# csrc/line_stats.cpp kNarrow: fp32-accumulated rows of at most this many classes put candidates in the SIMD lanes.
+NARROW_CLASSES = 32
+
+
+def stores_16bit_lines(features: Tensor, weight: Tensor) -> bool:
+    """csrc/common.h ``stores_16bit_lines``: 16-bit inputs whose d is formed as h u_W^T keep z0 and d in 16 bits."""
+    return features.dtype in HALF_DTYPES and not gram_cheaper(*features.shape, weight.shape[0])
+
+
+def _cpu_scorer_path(classes: int, dtype: torch.dtype, stored_16bit: bool) -> str:
+    """The CPU scorer's path (a row of :data:`pof_fast.plans.NEWTON_PLANS`): narrow rows, 16-bit storage, or wide."""
+    if dtype != torch.float64 and classes <= NARROW_CLASSES:
+        return "cpp-narrow"
+    return "cpp-16bit" if stored_16bit else "cpp-wide"
 
 
 class CppBackend(Backend):
@@ -38,6 +53,13 @@ class CppBackend(Backend):
     def handles(self, device: torch.device) -> bool:
         return device.type == self.device_type
 
+    def plan_path(self, features: Tensor, weight: Tensor, plan: SearchPlan) -> str:
+        return _cpu_scorer_path(weight.shape[0], features.dtype, stores_16bit_lines(features, weight))
+
+    def line_path(self, logits: Tensor, direction: Tensor) -> str:
+        stored_16bit = logits.dtype in HALF_DTYPES and direction.dtype in HALF_DTYPES
+        return _cpu_scorer_path(logits.shape[1], logits.dtype, stored_16bit)
+
     def line_stats(
         self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
     ) -> Tensor:
@@ -56,6 +78,7 @@ class CppBackend(Backend):
         return _ext.ops().direction_logits(features, grad.grad_weight, grad.grad_bias, grad.scale, grad.residual)
 
     def search(self, logits: Tensor, direction: Tensor, target: Tensor, plan: SearchPlan) -> SearchOutcome:
+        plan = plans.resolve(plan, self.line_path(logits, direction))
         return SearchOutcome(*_ext.ops().search(
             logits, direction, target, plan.method, plan.init_step, plan.max_step, plan.partitions,
             plan.ignore_index, plan.newton_iterations, plan.newton_points,
@@ -67,6 +90,12 @@ class CudaBackend(CppBackend):
 
     name = "cuda"
     device_type = "cuda"
+
+    def plan_path(self, features: Tensor, weight: Tensor, plan: SearchPlan) -> str:
+        return "cuda"
+
+    def line_path(self, logits: Tensor, direction: Tensor) -> str:
+        return "cuda"
 
     def status(self) -> Union[bool, str]:
         built = super().status()

@@ -111,6 +111,22 @@ class TritonBackend(Backend):
         device = torch.device(device)
         return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
+    def plan_path(self, features: Tensor, weight: Tensor, plan: SearchPlan) -> str:
+        if not _on_kernels(features, weight):
+            return "torch"  # the reference ops under the Python driver
+        return "triton-logits-free" if self._logits_free(features, weight, plan) else "triton"
+
+    def line_path(self, logits: Tensor, direction: Tensor) -> str:
+        kinds = load_kernels().line_stats.FLOAT_DTYPES
+        return "triton" if logits.dtype in kinds and direction.dtype in kinds else "torch"
+
+    @staticmethod
+    def _logits_free(features: Tensor, weight: Tensor, plan: SearchPlan) -> bool:
+        """``plan.logits_free``, or (None) whether n * C exceeds :data:`LOGITS_FREE_ELEMENTS`."""
+        if plan.logits_free is not None:
+            return plan.logits_free
+        return features.shape[0] * weight.shape[0] > LOGITS_FREE_ELEMENTS
+
     def line_stats(
         self, logits: Tensor, direction: Tensor, target: Tensor, steps: Tensor, ignore_index: int
     ) -> Tensor:
@@ -174,10 +190,7 @@ class TritonBackend(Backend):
         if not _on_kernels(features, weight):
             grad = self.head_gradient(features, weight, bias, target, plan.ignore_index, plan.normalized)
             return grad, self.search(grad.logits, self.direction_logits(features, grad), target, plan)
-        logits_free = plan.logits_free
-        if logits_free is None:
-            logits_free = features.shape[0] * weight.shape[0] > LOGITS_FREE_ELEMENTS
-        if logits_free:
+        if self._logits_free(features, weight, plan):
             return self._line_search_logits_free(features, weight, bias, target, plan)
         grad = self.head_gradient(features, weight, bias, target, plan.ignore_index, plan.normalized)
         direction = self._raw_direction(features, grad)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Timing", "synchronize", "time_call"]
+__all__ = ["Timing", "interleaved", "synchronize", "time_call"]
 
 
 @dataclass
@@ -55,3 +55,20 @@ def time_call(fn: Callable[[], Any], device: str, budget_s: float, min_repeats: 
     samples.sort()
     pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]  # noqa: E731
     return Timing(statistics.median(samples), pick(0.2), pick(0.8), repeats)
+
+
+def interleaved(calls: list, device: str, budget_s: float, min_rounds: int = 5, max_rounds: int = 1 << 30) -> list:
+    """Seconds of each call in rounds of one call each (after one warm-up call each), until ``budget_s`` is spent
+    (at least ``min_rounds``, at most ``max_rounds``): every ratio compares calls made moments apart."""
+    for call in calls:
+        call()
+    samples = [[] for _ in calls]
+    start = time.perf_counter()
+    while len(samples[0]) < min_rounds or (time.perf_counter() - start < budget_s and len(samples[0]) < max_rounds):
+        for call, times in zip(calls, samples):
+            synchronize(device)
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return samples
