@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim import optimizer as torch_optimizer
 
 from . import _validate as check
-from . import dispatch
+from . import dispatch, distributed
 from .gamma import GammaSampler
 from .graph import CapturedSearch
 from .head import FixedHead, check_not_partitioned
@@ -308,8 +308,6 @@ class PoF(torch.optim.Optimizer):
             search_features, search_target = self._take_recorded()
         layout = self._head.layout
         if layout is not None:  # a sharded head: this rank's rows, then every rank's that brings its own tokens
-            from . import distributed
-
             search_features, search_target, dims = distributed.local_rows(layout, search_features, search_target)
             search_features, search_target = self._search_rows(search_features, search_target, "search_")
             group = self.process_group or distributed.group_of(layout.mesh, dims)

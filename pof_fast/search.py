@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
-from . import dispatch, plans
+from . import dispatch, distributed, plans
 from ._types import LOSS, SearchPlan
 from .drivers import evaluations
 
@@ -55,10 +55,8 @@ def raise_named(floats: dict, target: Tensor, classes: int, ignore_index: int, a
 
 
 def _refuse_dtensors(**tensors: Optional[Tensor]) -> None:
-    from .distributed import is_dtensor
-
     for name, value in tensors.items():
-        if is_dtensor(value):
+        if distributed.is_dtensor(value):
             raise TypeError(
                 f"{name} is a DTensor: line_search takes plain tensors. For a sharded head use pof_fast.PoF(..., "
                 "head=h), which reads its layout, or pass this rank's rows (weight.to_local()) with "
@@ -185,8 +183,6 @@ def line_search(
     h, w, b = (None if x is None else x.to(dtype) for x in (features, weight, bias))
     plan = SearchPlan(method, direction == "normalized", float(init_step), float(max_step), partitions, ignore_index,
                       logits_free=logits_free)
-    if process_group is not None:
-        from . import distributed
     used = []  # the plan of the path that ran (newton: its rounds x points, pof_fast.plans), for ``evaluations``
 
     def search_on(chosen):
@@ -205,9 +201,7 @@ def line_search(
     # One host read: l(0) + ||g|| is finite iff both are (NaN and inf propagate through the sum).
     if validate and not math.isfinite((out.loss0 + out.grad_norm).item()):
         if sharded_classes is True:  # labels are global class indices: the bound is the whole head's size
-            from .distributed import class_range
-
-            classes = class_range(classes, device, process_group)[1]
+            classes = distributed.class_range(classes, device, process_group)[1]
         elif sharded_classes is not False:
             classes = sharded_classes[1]
         raise_named({"features": features, "weight": weight, "bias": bias}, target, classes, ignore_index,
