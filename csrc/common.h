@@ -111,11 +111,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_gradient(const T
                                                                          bool normalized);
 Tensor direction_logits(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
                         const Tensor& scale, const std::optional<Tensor>& residual);
-// d = h u_W^T + u_b as a 16-bit [n, C] array (stores_16bit_lines). grad_weight and grad_bias (fp32 g; grad_bias
-// nullopt without a bias) become u = scale g rounded to the features' dtype, in place, and d is formed from the
-// values they then hold.
+// The same, written into `into` (a contiguous [n, C] CPU array of d's dtype whose values are spent, e.g. R once g_W
+// is formed) where d is a product h g_W^T on the CPU; elsewhere `into` is not used.
+Tensor direction_logits_into(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
+                             const Tensor& scale, const std::optional<Tensor>& residual,
+                             const std::optional<Tensor>& into);
+// d = h u_W^T + u_b as a 16-bit [n, C] array (stores_16bit_lines), written into `into` when given (a contiguous
+// [n, C] array of the features' dtype whose values are spent). grad_weight and grad_bias (fp32 g; grad_bias nullopt
+// without a bias) become u = scale g rounded to the features' dtype, in place, and d is formed from the values they
+// then hold.
 Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
-                              const Tensor& scale);
+                              const Tensor& scale, const std::optional<Tensor>& into);
 
 // The whole search (csrc/line_search.cpp): step, u_W, u_b ([0] without bias), ||g||, l(0), l(t*), capped, ||u||
 // (pof_fast._types.SearchTensors).

@@ -43,6 +43,7 @@ class LineScorer {
   int64_t n_, C_, Cp_, ignore_index_, rows_per_block_, blocks_;
   T inv_m_;
   LoadRow<T> load_z_, load_d_;
+  bool in_place_;  // rows of T whose length is a multiple of kLanes are read where they are, not copied
   std::vector<T> partial_;
 };
 

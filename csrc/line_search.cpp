@@ -49,14 +49,19 @@ SearchTensors line_search(const Tensor& features, const Tensor& weight, const st
   const std::optional<Tensor> bias_direction = with_bias ? std::optional<Tensor>(grad_bias) : std::nullopt;
   // 2. d = h u_W^T + u_b, and u = scale * g in place (g is ours).
   Tensor direction;
+  // R is spent once g_W is formed: on the CPU d is written into its array (no fresh [n, C] array to fault in), so
+  // that z0 and d are the only [n, C] arrays held; the GPU's d is a new array, R freed first on the 16-bit path.
+  const bool cpu = features.is_cpu();
   if (stores_16bit_lines(features, weight.size(0))) {
-    // R is spent: freed before d is formed, so that z0 and d are the only [n, C] arrays held. u is rounded to the
-    // input dtype in place and d formed from it: the line searched is the line returned (||g|| and the scale stay
-    // those of the fp32 g).
+    // u is rounded to the input dtype in place and d formed from it: the line searched is the line returned (||g||
+    // and the scale stay those of the fp32 g).
+    const std::optional<Tensor> into = cpu ? std::optional<Tensor>(residual) : std::nullopt;
     residual = Tensor();
-    direction = direction_logits_16bit(features, grad_weight, bias_direction, scale);
+    direction = direction_logits_16bit(features, grad_weight, bias_direction, scale, into);
   } else {
-    direction = direction_logits(features, grad_weight, bias_direction, scale, residual);
+    const bool gram = gram_cheaper(features.size(0), features.size(1), weight.size(0));
+    direction = direction_logits_into(features, grad_weight, bias_direction, scale, residual,
+                                      cpu && !gram ? std::optional<Tensor>(residual) : std::nullopt);
     aten::mul_(grad_weight, scale);
     aten::mul_(grad_bias, scale);
   }

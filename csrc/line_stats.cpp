@@ -198,7 +198,9 @@ LineScorer<T>::LineScorer(const Tensor& logits, const Tensor& direction, const T
       Cp_(padded(logits.size(1))),
       ignore_index_(ignore_index),
       load_z_(row_loader<T>(logits.scalar_type())),
-      load_d_(row_loader<T>(direction.scalar_type())) {
+      load_d_(row_loader<T>(direction.scalar_type())),
+      in_place_(Cp_ == C_ && logits.element_size() == sizeof(T) && direction.element_size() == sizeof(T) &&
+                is_float(logits.scalar_type()) && logits.scalar_type() == direction.scalar_type()) {
   // Row blocks of ~8k padded elements (a few microseconds of work, well above parallel_for's
   // overhead on the dev box): small heads stay on one thread, large ones spread over all cores.
   rows_per_block_ = std::max<int64_t>(1, std::min<int64_t>(256, 8192 / Cp_));
@@ -212,7 +214,7 @@ void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv
   partial_.assign(static_cast<size_t>(blocks_) * 3 * k, T(0));
   const T pad = T(-1e30);
   torch::stable::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> zbuf(Cp_), dbuf(Cp_);
+    std::vector<T> zbuf(in_place_ ? 0 : Cp_), dbuf(in_place_ ? 0 : Cp_);
     for (int64_t b = b0; b < b1; ++b) {
       T* acc = partial_.data() + b * 3 * k;
       const int64_t end = std::min(n_, (b + 1) * rows_per_block_);
@@ -223,9 +225,15 @@ void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv
           for (int j = 0; j < 3 * k; ++j) acc[j] = std::numeric_limits<T>::quiet_NaN();
           continue;
         }
-        load_z_(z_ + i * z_row_bytes_, zbuf.data(), C_, Cp_, pad);
-        load_d_(d_ + i * d_row_bytes_, dbuf.data(), C_, Cp_, T(0));
-        score_row(zbuf.data(), dbuf.data(), C_, Cp_, zbuf[y], dbuf[y], steps, k, acc);
+        const T* z = reinterpret_cast<const T*>(z_ + i * z_row_bytes_);
+        const T* d = reinterpret_cast<const T*>(d_ + i * d_row_bytes_);
+        if (!in_place_) {
+          load_z_(z, zbuf.data(), C_, Cp_, pad);
+          load_d_(d, dbuf.data(), C_, Cp_, T(0));
+          z = zbuf.data();
+          d = dbuf.data();
+        }
+        score_row(z, d, C_, Cp_, z[y], d[y], steps, k, acc);
       }
     }
   });

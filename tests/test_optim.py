@@ -54,6 +54,30 @@ def test_perturb_sets_head_to_theta0_minus_gamma_t_u(bias, sampling):
     assert opt.last.perturbation_norm.item() == pytest.approx(factor * t, rel=1e-5)
 
 
+@pytest.mark.parametrize("head_dtype,direction_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                         (torch.bfloat16, torch.float32)])
+def test_head_write_is_theta0_minus_coef_u_bit_for_bit(head_dtype, direction_dtype):
+    """FixedHead.write: in place where the dtypes agree, the promoted expression elsewhere; the value of
+    ``theta0 - coef * u`` exactly (as PyTorch rounds it), with theta0, coef and u left as they were."""
+    from pof_fast.head import FixedHead
+
+    gen = torch.Generator().manual_seed(3)
+    head = nn.Linear(24, 40).to(head_dtype)
+    fixed = FixedHead(head)
+    u = torch.randn(40, 24, generator=gen, dtype=torch.float64).to(direction_dtype)
+    ub = torch.randn(40, generator=gen, dtype=torch.float64).to(direction_dtype)
+    coef = torch.tensor(0.7312, dtype=direction_dtype)
+    before = [x.clone() for x in (fixed.theta0_weight, fixed.theta0_bias, u, ub, coef)]
+    fixed.write(coef, u, ub)
+    assert torch.equal(head.weight, (fixed.theta0_weight - coef * u).to(head_dtype))
+    assert torch.equal(head.bias, (fixed.theta0_bias - coef * ub).to(head_dtype))
+    assert not torch.equal(head.weight, fixed.theta0_weight)
+    for kept, now in zip(before, (fixed.theta0_weight, fixed.theta0_bias, u, ub, coef)):
+        assert torch.equal(kept, now)
+    fixed.restore()
+    assert torch.equal(head.weight, fixed.theta0_weight) and torch.equal(head.bias, fixed.theta0_bias)
+
+
 @pytest.mark.parametrize("base,kwargs", [
     (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)),
     (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
