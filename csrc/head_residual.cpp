@@ -16,7 +16,6 @@
 #include "common.h"
 #include "cpu_kernels.h"
 #include "cpu_vec.h"
-#include "host_memory.h"
 
 namespace pof_fast {
 
@@ -167,7 +166,7 @@ inline int64_t chunk_rows(int64_t width) {
 Tensor grad_weight_16bit_cpu(Tensor residual_t, const Tensor& features) {
   const int64_t C = residual_t.size(0), D = features.size(1);
   const int64_t chunk = std::min(C, chunk_rows(D));
-  Tensor grad_weight = new_empty_host(features, {C, D}, ScalarType::Float);
+  Tensor grad_weight = torch::stable::new_empty(features, {C, D}, ScalarType::Float);
   Tensor rows16 = torch::stable::new_empty(features, {chunk, D});
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t rows = std::min(chunk, C - c0);
@@ -185,7 +184,7 @@ Tensor head_residual_cpu(const Tensor& logits, const Tensor& target, int64_t ign
   const Tensor z = as_contiguous(logits);
   const Tensor y = as_contiguous(as_dtype(target, ScalarType::Long));
   const ScalarType acc = accumulation_type(z.scalar_type());
-  Tensor out = new_empty_host(z, {z.size(0), z.size(1)}, out_dtype);
+  Tensor out = torch::stable::new_empty(z, z.sizes(), out_dtype);
   dispatch_accumulation(acc, [&](auto accumulated) {
     using T = decltype(accumulated);
     dispatch_stored(out_dtype, [&](auto stored) {
@@ -218,20 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_gradient(const T
     POF_CHECK_SAME_DEVICE(*bias, features, "bias", "features");
     POF_CHECK(bias->size(0) == weight.size(0), "bias must have shape [", weight.size(0), "], got ", shape_of(*bias));
   }
-  // 1. z0 = h W0^T + b0, in the input dtype as the reference computes it (on the CPU: the product aten::linear
-  // makes, into an array advised huge, csrc/host_memory.h).
-  Tensor logits;
-  if (features.is_cpu()) {
-    logits = new_empty_host(features, {features.size(0), weight.size(0)}, features.scalar_type());
-    const Tensor weight_t = torch::stable::transpose(weight, 0, 1);
-    if (with_bias) {
-      aten::addmm_out(logits, *bias, features, weight_t);
-    } else {
-      aten::mm_out(logits, features, weight_t);
-    }
-  } else {
-    logits = aten::linear(features, weight, with_bias ? bias : std::nullopt);
-  }
+  // 1. z0 = h W0^T + b0, in the input dtype as the reference computes it.
+  const Tensor logits = aten::linear(features, weight, with_bias ? bias : std::nullopt);
   // 2. R, fused: softmax, one-hot and 1/m in one pass per row; stored in the input dtype for large 16-bit heads.
   const ScalarType acc = accumulation_type(features.scalar_type());
   const Tensor residual = head_residual(
@@ -244,9 +231,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_gradient(const T
     grad_weight = aten::mm(as_dtype(residual_t, features.scalar_type()), features, ScalarType::Float);
   } else if (is_16bit(residual)) {  // the CPU's large 16-bit heads (stores_16bit_lines)
     grad_weight = grad_weight_16bit_cpu(residual_t, features);
-  } else if (features.is_cpu()) {
-    grad_weight = new_empty_host(features, {weight.size(0), features.size(1)}, acc);
-    aten::mm_out(grad_weight, as_dtype(residual_t, acc), as_dtype(features, acc));
   } else {
     grad_weight = aten::mm(as_dtype(residual_t, acc), as_dtype(features, acc));
   }
@@ -308,8 +292,8 @@ Tensor direction_logits_into(const Tensor& features, const Tensor& grad_weight, 
   Tensor d;
   if (gram) {
     d = aten::mm(aten::mm(h, torch::stable::transpose(h, 0, 1)), as_dtype(*residual, dtype));
-  } else if (h.is_cpu()) {  // into a spent array of the caller's, or one advised huge (csrc/host_memory.h)
-    d = into.has_value() ? *into : new_empty_host(h, {n, C}, dtype);
+  } else if (into.has_value()) {  // a spent array of the caller's: no fresh [n, C] array to fault in
+    d = *into;
     aten::mm_out(d, h, torch::stable::transpose(grad_weight, 0, 1));
   } else {
     d = aten::mm(h, torch::stable::transpose(grad_weight, 0, 1));
@@ -342,11 +326,9 @@ Tensor direction_logits_16bit(const Tensor& features, const Tensor& grad_weight,
     bias = as_dtype(unit_bias, dtype);
     torch::stable::copy_(unit_bias, bias);
   }
-  const bool cpu = !features.is_cuda();
-  Tensor d = into.has_value() ? *into
-             : cpu            ? new_empty_host(features, {features.size(0), C}, dtype)
-                              : torch::stable::new_empty(features, {features.size(0), C});
+  Tensor d = into.has_value() ? *into : torch::stable::new_empty(features, {features.size(0), C});
   Tensor weight = grad_weight;
+  const bool cpu = !features.is_cuda();
   Tensor chunk16 = cpu ? torch::stable::new_empty(features, {std::min(chunk, C), grad_weight.size(1)}) : Tensor();
   for (int64_t c0 = 0; c0 < C; c0 += chunk) {
     const int64_t c1 = std::min(C, c0 + chunk);

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -294,8 +292,7 @@ def test_search_op_on_a_given_line_matches_the_oracle(n, classes, seed, dtype):
 # ---------------------------------------------------------------- the whole line_search
 
 
-# The last: d formed as h u^T (n > D) into R's spent array, [n, C] arrays of 4 MiB (advised huge, csrc/host_memory.h),
-# rows of 128 x 16 lanes scored in place.
+# The last: d formed as h u^T (n > D) into R's spent array, rows of 128 x 16 lanes scored in place.
 CASES = [(64, 32, 10, 0), (37, 17, 33, 1), (128, 64, 100, 2), (1, 8, 1, 3), (256, 40, 7, 4), (512, 32, 2048, 6)]
 
 
@@ -461,30 +458,3 @@ def test_cuda_launch_settings_need_the_cuda_build():
         with pytest.raises(RuntimeError, match="without CUDA"):
             call()
 
-
-def test_huge_page_advice_changes_no_value(tmp_path):
-    """POF_FAST_HUGE_PAGES=0 (read once per process) turns the advice off; the searches agree bit for bit."""
-    script = (
-        "import sys, torch, pof_fast; sys.path.insert(0, sys.argv[2]); from problems import head_problem\n"
-        "torch.set_num_threads(1)\n"
-        "h, w, b, y = head_problem(512, 32, 2048, bias_scale=1.0, seed=6)\n"
-        "out = {}\n"
-        "for dtype in (torch.float32, torch.bfloat16):\n"
-        "    for m in ('newton', 'bracket_grid'):\n"
-        "        r = pof_fast.line_search(h.to(dtype), w.to(dtype), b.to(dtype), y, method=m, backend='cpp')\n"
-        "        out[(str(dtype), m)] = (r.step, r.loss, r.weight_direction, r.bias_direction)\n"
-        "torch.save(out, sys.argv[1])\n"
-    )
-    tests = os.path.dirname(os.path.abspath(__file__))
-    results = []
-    for advice in ("1", "0"):
-        path = tmp_path / f"advice{advice}.pt"
-        env = {**os.environ, "POF_FAST_HUGE_PAGES": advice}
-        done = subprocess.run([sys.executable, "-c", script, str(path), tests], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        results.append(torch.load(path))
-    assert results[0].keys() == results[1].keys() and len(results[0]) == 4
-    for key, values in results[0].items():
-        for a, b in zip(values, results[1][key]):
-            assert torch.equal(a, b), key
