@@ -54,3 +54,25 @@ def extractor_params(model):
     """Every parameter but the LM head's (what PoF trains)."""
     head = model.get_output_embeddings().weight
     return [p for p in model.parameters() if p is not head]
+
+
+def prompt_completion_data(rows=32):
+    """``(tokenizer, dataset)`` for TRL's SFTTrainer: a word-level tokenizer (pad 0, eos 1, unk 2, words 3..42) and
+    ``rows`` examples of a 6-word prompt and a 4-word completion (the loss counts the completion and its eos)."""
+    import transformers
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(40)]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                                     unk_token="<unk>")
+    g = torch.Generator().manual_seed(0)
+
+    def sentence(k):
+        return " ".join(words[i] for i in torch.randint(0, 40, (k,), generator=g).tolist())
+
+    data = Dataset.from_list([{"prompt": sentence(6), "completion": " " + sentence(4)} for _ in range(rows)])
+    return tokenizer, data

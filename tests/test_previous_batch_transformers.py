@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
 
-from lm import Examples, collate, extractor_params, tiny_lm  # noqa: E402
+from lm import Examples, collate, extractor_params, prompt_completion_data, tiny_lm  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import pof_fast  # noqa: E402
@@ -77,6 +77,29 @@ def test_each_step_searches_the_last_micro_batch_of_the_step_before_with_no_sear
         assert torch.equal(got.step, want.step) and torch.equal(got.grad_norm, want.grad_norm), step
         assert torch.equal(got.weight_direction, want.weight_direction), step
     assert pof.recorded is not None and pof.recorded[0].shape == (4 * 16, 32)  # the last step's, for the next one
+
+
+def test_trl_sft_trainer_searches_the_last_training_batch_on_completion_only_labels(tmp_path):
+    """TRL's SFTTrainer: the recorded batch is the training forward's (its completion-only labels, shifted)."""
+    trl = pytest.importorskip("trl", reason="trl is not installed (pip install '.[test]')")
+    tokenizer, data = prompt_completion_data()
+    model = tiny_lm(tied=True, vocab_size=len(tokenizer), eos_token_id=1, bos_token_id=None)
+    pof = pof_for(model)
+    theta0 = pof.theta0_weight.clone()
+    watch = Forwards(model, pof)
+    config = trl.SFTConfig(str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                           use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, optimizers=(pof, None),
+                   callbacks=[PoFCallback(search_data="previous")]).train()
+    assert pof.summary()["perturbations"] == 3
+    assert [grad for grad, _, _ in watch.decoder].count(False) == 1  # the first step's fresh batch only
+    for step in (1, 2):
+        hidden, labels = watch.training[step - 1]
+        target = shifted(labels)
+        assert (target[:, :5] == -100).all() and (target[:, 5:10] >= 1).all()  # the prompt skipped, completion counted
+        want = pof_fast.line_search(hidden, theta0, None, target)
+        got = watch.searches[step]
+        assert torch.equal(got.step, want.step) and torch.equal(got.weight_direction, want.weight_direction), step
 
 
 def test_a_resumed_run_continues_exactly_from_the_batch_its_checkpoint_saved(tmp_path):

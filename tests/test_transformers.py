@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[test]')")
 
-from lm import Examples, collate, extractor_params, tiny_lm  # noqa: E402
+from lm import Examples, collate, extractor_params, prompt_completion_data, tiny_lm  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import pof_fast  # noqa: E402
@@ -304,22 +304,8 @@ def test_peft_on_a_tied_model_is_refused(tmp_path):
 
 def test_trl_sft_trainer_searches_on_completion_only_labels(tmp_path):
     trl = pytest.importorskip("trl", reason="trl is not installed (pip install '.[test]')")
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = [f"w{i}" for i in range(40)]
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
-                                                     unk_token="<unk>")
-    g = torch.Generator().manual_seed(0)
-
-    def sentence(k):
-        return " ".join(words[i] for i in torch.randint(0, 40, (k,), generator=g).tolist())
-
-    data = Dataset.from_list([{"prompt": sentence(6), "completion": " " + sentence(4)} for _ in range(32)])
-    model = tiny_lm(tied=True, vocab_size=len(vocab), eos_token_id=1, bos_token_id=None)
+    tokenizer, data = prompt_completion_data()
+    model = tiny_lm(tied=True, vocab_size=len(tokenizer), eos_token_id=1, bos_token_id=None)
     pof = pof_for(model)
     targets = []
     perturb = pof.perturb

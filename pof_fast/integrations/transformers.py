@@ -216,24 +216,40 @@ class TrainingRows:
     """``search_data="previous"``: hands the LM head's input and the shifted labels of every training forward to
     :meth:`pof_fast.PoF.record` (with gradient accumulation the last micro-batch's are kept).
 
-    Two hooks: a forward pre-hook on the model reads the ``labels`` (or ``shift_labels``) Trainer passes it; a
-    forward hook on the LM head reads its input, the final hidden states. Forwards without gradients (evaluation,
-    the first step's search forward) are not recorded. No copy, no host sync.
+    Hooks: a forward pre-hook on the model reads the ``labels`` (or ``shift_labels``) Trainer passes it; a forward hook
+    on the LM head reads its input, the final hidden states. A head that runs without its module's forward (TRL's
+    fused LM head, ``model(..., fused_lm_head=True)``, which projects the decoder's output in tiles) is read from the
+    decoder's ``last_hidden_state`` when the model's forward returns. Forwards without gradients (evaluation, the first
+    step's search forward) are not recorded. No copy, no host sync.
     """
 
     def __init__(self, model: nn.Module, head: nn.Module, pof: PoF) -> None:
-        self.pof, self._labels = pof, None
+        self.pof, self._labels, self._hidden = pof, None, None
         self._handles = [model.register_forward_pre_hook(self._batch, with_kwargs=True),
-                         head.register_forward_hook(self._head_input)]
+                         _decoder(model).register_forward_hook(self._decoder_output),
+                         head.register_forward_hook(self._head_input),
+                         model.register_forward_hook(self._head_skipped)]
 
     def _batch(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
         labels = {k: kwargs.get(k) for k in ("labels", "shift_labels")}
         self._labels = labels if torch.is_grad_enabled() and any(v is not None for v in labels.values()) else None
+        self._hidden = None
+
+    def _decoder_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._labels is not None:
+            self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def _head_input(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        labels, self._labels = self._labels, None
+        self._record(args[0])
+
+    def _head_skipped(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._labels is not None and self._hidden is not None:  # no head forward ran: a fused head
+            self._record(self._hidden)
+
+    def _record(self, features: Tensor) -> None:
+        labels, self._labels, self._hidden = self._labels, None, None
         if labels is not None and torch.is_grad_enabled():
-            self.pof.record(*_paired(args[0], labels, self.pof.search_kwargs["ignore_index"]))
+            self.pof.record(*_paired(features, labels, self.pof.search_kwargs["ignore_index"]))
 
     def remove(self) -> None:
         for handle in self._handles:
