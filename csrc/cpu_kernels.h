@@ -31,8 +31,11 @@ LoadRow<T> row_loader(ScalarType source);
 template <typename T>
 class LineScorer {
  public:
-  // logits, direction: [n, C] any float dtype, contiguous; target: [n] int64 contiguous.
-  LineScorer(const Tensor& logits, const Tensor& direction, const Tensor& target, int64_t ignore_index);
+  // logits, direction: [n, C] any float dtype, contiguous; target: [n] int64 contiguous. last_derivatives_only: the
+  // slope and curvature only of each call's last candidate (the others NaN on wide fp32 rows), for drivers that read
+  // no other (bracket_grid and grid read the slope of the grid's last point, for the capped flag).
+  LineScorer(const Tensor& logits, const Tensor& direction, const Tensor& target, int64_t ignore_index,
+             bool last_derivatives_only = false);
   void operator()(const T* steps, int k, T* loss, T* slope, T* curv);
 
  private:
@@ -43,6 +46,7 @@ class LineScorer {
   int64_t n_, C_, Cp_, ignore_index_, rows_per_block_, blocks_;
   T inv_m_;
   LoadRow<T> load_z_, load_d_;
+  bool last_derivatives_only_;
   bool in_place_;  // rows of T whose length is a multiple of kLanes are read where they are, not copied
   std::vector<T> partial_;
 };

@@ -29,8 +29,9 @@ void load_row(const void* src, T* out, int64_t C, int64_t Cp, T pad) {
 // The sums of candidates steps[0:G] over one row: m = max_c x_c, s0, s1, s2 (step 2 above), written to
 // sums[0:G], sums[k:k+G], sums[2k:2k+G], sums[3k:3k+G] (sums and steps offset by the caller). z, d: padded rows of
 // length Cp (z padded with a large negative value, d with 0). The G candidates share every load of z and d: two
-// passes over the row (max, then exp and sums) per group.
-template <int G>
+// passes over the row (max, then exp and sums) per group. Without kDerivatives only m and s0 (the loss) are formed,
+// s1 and s2 written as NaN: 3 of the ~20 vector operations per class and candidate saved.
+template <int G, bool kDerivatives>
 __attribute__((always_inline)) inline void group_sums(const float* __restrict z, const float* __restrict d,
                                                       int64_t Cp, const float* steps, int k, float* sums) {
   vfloat mx[G];
@@ -52,10 +53,12 @@ __attribute__((always_inline)) inline void group_sums(const float* __restrict z,
     const vfloat zc = vload(z + c), dc = vload(d + c);
     for (int g = 0; g < G; ++g) {
       const vfloat e = vexp_nonpositive(zc - steps[g] * dc - m[g]);
-      const vfloat ed = e * dc;
       s0[g] += e;
-      s1[g] += ed;
-      s2[g] += ed * dc;
+      if constexpr (kDerivatives) {
+        const vfloat ed = e * dc;
+        s1[g] += ed;
+        s2[g] += ed * dc;
+      }
     }
   }
   for (int g = 0; g < G; ++g) {
@@ -63,30 +66,41 @@ __attribute__((always_inline)) inline void group_sums(const float* __restrict z,
     const vfloat* parts[3] = {&s0[g], &s1[g], &s2[g]};
     for (int r = 0; r < 3; ++r) {
       std::memcpy(lanes, parts[r], sizeof(vfloat));
-      sums[(r + 1) * k + g] = lane_sum(lanes);
+      sums[(r + 1) * k + g] = r == 0 || kDerivatives ? lane_sum(lanes) : std::numeric_limits<float>::quiet_NaN();
     }
   }
 }
 
-// The sums of k candidates over one row (group_sums), in groups of 4 candidates, then 2, then 1. Multiply-adds
+template <int G>
+__attribute__((always_inline)) inline void group_sums(const float* z, const float* d, int64_t Cp, const float* steps,
+                                                      int k, float* sums, bool derivatives) {
+  if (derivatives) {
+    group_sums<G, true>(z, d, Cp, steps, k, sums);
+  } else {
+    group_sums<G, false>(z, d, Cp, steps, k, sums);
+  }
+}
+
+// The sums of k candidates over one row (group_sums), in groups of 4 candidates, then 2, then 1; the derivative sums
+// only for the groups that hold a candidate j >= first_derivative (0: every group). Multiply-adds
 // contract to FMA here (POF_CONTRACT: an exact product in the exponent's argument and the polynomial) and nowhere
 // else: the loss, slope and curvature are formed from the sums in uncontracted code, where a fused m*m - s2/s0
 // would cancel differently. Groups of 4 and FMA: the bracket_grid scoring of a 1024 x 151936 bf16 LM head (24
 // candidates) took 1.63 s per 1024 rows, against 1.69 s one candidate at a time with FMA and 2.32 s without, one
 // thread on the 2-core AMD EPYC (AVX-512) dev box.
 POF_CLONES POF_CONTRACT void row_sums(const float* __restrict z, const float* __restrict d, int64_t Cp,
-                                      const float* steps, int k, float* sums) {
+                                      const float* steps, int k, int first_derivative, float* sums) {
   int j = 0;
-  for (; j + 4 <= k; j += 4) group_sums<4>(z, d, Cp, steps + j, k, sums + j);
-  for (; j + 2 <= k; j += 2) group_sums<2>(z, d, Cp, steps + j, k, sums + j);
-  for (; j < k; ++j) group_sums<1>(z, d, Cp, steps + j, k, sums + j);
+  for (; j + 4 <= k; j += 4) group_sums<4>(z, d, Cp, steps + j, k, sums + j, j + 4 > first_derivative);
+  for (; j + 2 <= k; j += 2) group_sums<2>(z, d, Cp, steps + j, k, sums + j, j + 2 > first_derivative);
+  for (; j < k; ++j) group_sums<1>(z, d, Cp, steps + j, k, sums + j, j + 1 > first_derivative);
 }
 
 // Adds one row's loss/slope/curvature for k candidates to acc[0:k], acc[k:2k], acc[2k:3k] (step 3 above).
 inline void score_row_impl(const float* z, const float* d, int64_t Cp, float zy, float dy, const float* steps, int k,
-                           float* acc) {
+                           int first_derivative, float* acc) {
   float sums[4 * kLanes];
-  row_sums(z, d, Cp, steps, k, sums);
+  row_sums(z, d, Cp, steps, k, first_derivative, sums);
   for (int j = 0; j < k; ++j) {
     const float m = sums[j], S0 = sums[k + j], mean = sums[2 * k + j] / S0, var = sums[3 * k + j] / S0 - mean * mean;
     acc[j] += m + std::log(S0) - zy + steps[j] * dy;
@@ -134,7 +148,7 @@ __attribute__((always_inline)) inline void score_row_impl_narrow(const float* __
 
 // The float64 path: same steps, scalar, std::exp.
 inline void score_row_impl(const double* z, const double* d, int64_t Cp, double zy, double dy,
-                           const double* steps, int k, double* acc) {
+                           const double* steps, int k, int, double* acc) {
   for (int j = 0; j < k; ++j) {
     const double t = steps[j];
     double m = -std::numeric_limits<double>::infinity();
@@ -153,19 +167,20 @@ inline void score_row_impl(const double* z, const double* d, int64_t Cp, double 
   }
 }
 
-// C: the row length, Cp: padded; k <= kLanes candidates.
+// C: the row length, Cp: padded; k <= kLanes candidates; derivatives from candidate first_derivative on (narrow rows
+// and float64 form them all).
 POF_CLONES void score_row(const float* z, const float* d, int64_t C, int64_t Cp, float zy, float dy,
-                          const float* steps, int k, float* acc) {
+                          const float* steps, int k, int first_derivative, float* acc) {
   if (C <= kNarrow) {
     score_row_impl_narrow(z, d, C, zy, dy, steps, k, acc);
   } else {
-    score_row_impl(z, d, Cp, zy, dy, steps, k, acc);
+    score_row_impl(z, d, Cp, zy, dy, steps, k, first_derivative, acc);
   }
 }
 
 void score_row(const double* z, const double* d, int64_t, int64_t Cp, double zy, double dy, const double* steps,
-               int k, double* acc) {
-  score_row_impl(z, d, Cp, zy, dy, steps, k, acc);
+               int k, int first_derivative, double* acc) {
+  score_row_impl(z, d, Cp, zy, dy, steps, k, first_derivative, acc);
 }
 
 }  // namespace
@@ -187,7 +202,8 @@ template LoadRow<float> row_loader<float>(ScalarType);
 template LoadRow<double> row_loader<double>(ScalarType);
 
 template <typename T>
-LineScorer<T>::LineScorer(const Tensor& logits, const Tensor& direction, const Tensor& target, int64_t ignore_index)
+LineScorer<T>::LineScorer(const Tensor& logits, const Tensor& direction, const Tensor& target, int64_t ignore_index,
+                          bool last_derivatives_only)
     : z_(static_cast<const char*>(logits.data_ptr())),
       d_(static_cast<const char*>(direction.data_ptr())),
       y_(target.const_data_ptr<int64_t>()),
@@ -199,6 +215,7 @@ LineScorer<T>::LineScorer(const Tensor& logits, const Tensor& direction, const T
       ignore_index_(ignore_index),
       load_z_(row_loader<T>(logits.scalar_type())),
       load_d_(row_loader<T>(direction.scalar_type())),
+      last_derivatives_only_(last_derivatives_only),
       in_place_(Cp_ == C_ && logits.element_size() == sizeof(T) && direction.element_size() == sizeof(T) &&
                 is_float(logits.scalar_type()) && logits.scalar_type() == direction.scalar_type()) {
   // Row blocks of ~8k padded elements (a few microseconds of work, well above parallel_for's
@@ -233,7 +250,7 @@ void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv
           z = zbuf.data();
           d = dbuf.data();
         }
-        score_row(z, d, C_, Cp_, z[y], d[y], steps, k, acc);
+        score_row(z, d, C_, Cp_, z[y], d[y], steps, k, last_derivatives_only_ ? k - 1 : 0, acc);
       }
     }
   });

@@ -37,7 +37,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> search_cpu(const Tensor& logits, cons
   Outcome<double> out{};
   dispatch_accumulation(acc, [&](auto type) {
     using T = decltype(type);
-    cpu::LineScorer<T> score(z, d, y, ignore_index);
+    cpu::LineScorer<T> score(z, d, y, ignore_index, /*last_derivatives_only=*/plan.method != kNewton);
     const Outcome<T> found = run_search<T>(score, plan);
     out = {found.step, found.loss0, found.loss, found.capped};
   });

@@ -386,6 +386,22 @@ def test_separable_batch_is_capped_and_zero_gradient_gives_zero_step():
     assert res.step.item() == 0.0 and res.loss0.item() == res.loss.item() == 0.0
 
 
+@pytest.mark.parametrize("classes", [4, 40, 48])  # narrow rows; wide rows copied and read in place
+def test_capped_flag_of_the_grids_reads_the_slope_of_the_last_point(classes):
+    """The grids' scorer forms the slope of each call's last candidate only, which the capped flag reads: capped when
+    the loss still falls at the grid's last point, not when the minimum lies just before it."""
+    h = torch.eye(classes).repeat(4, 1)
+    y = torch.arange(classes).repeat(4)
+    for method in ("bracket_grid", "grid"):  # a separable batch: l falls for ever
+        res = pof_fast.line_search(h, torch.eye(classes) * 3, None, y, method=method, max_step=2.0, backend="cpp")
+        assert bool(res.capped) and res.step.item() == 2.0, method
+    h, w, b, y = head_problem(64, 12, classes, bias_scale=1.0, seed=classes)
+    exact = pof_fast.line_search(h.double(), w.double(), b.double(), y, method="newton", backend="cpp")
+    cap = exact.step.item() / 0.98  # the last grid point 2% past the minimum, the one before 4.4% short of it
+    res = pof_fast.line_search(h, w, b, y, method="grid", max_step=cap, backend="cpp")
+    assert res.step.item() == pytest.approx(cap, rel=1e-6) and not bool(res.capped)
+
+
 def test_capped_newton_reports_the_cap():
     """A batch the head separates: l falls for ever, so t* = max_step, capped, and every reported value is the
     float64 oracle's at the cap."""
