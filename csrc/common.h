@@ -111,8 +111,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_gradient(const T
                                                                          bool normalized);
 Tensor direction_logits(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
                         const Tensor& scale, const std::optional<Tensor>& residual);
-// The same, written into `into` (a contiguous [n, C] CPU array of d's dtype whose values are spent, e.g. R once g_W
-// is formed) where d is a product h g_W^T on the CPU; elsewhere `into` is not used.
+// The same, written into `into` (a contiguous [n, C] array of d's dtype whose values are spent, e.g. R once g_W is
+// formed) where d is the product h g_W^T; the Gram form (which reads R) forms a new array and leaves `into` alone.
 Tensor direction_logits_into(const Tensor& features, const Tensor& grad_weight, const std::optional<Tensor>& grad_bias,
                              const Tensor& scale, const std::optional<Tensor>& residual,
                              const std::optional<Tensor>& into);

@@ -59,9 +59,8 @@ SearchTensors line_search(const Tensor& features, const Tensor& weight, const st
     residual = Tensor();
     direction = direction_logits_16bit(features, grad_weight, bias_direction, scale, into);
   } else {
-    const bool gram = gram_cheaper(features.size(0), features.size(1), weight.size(0));
     direction = direction_logits_into(features, grad_weight, bias_direction, scale, residual,
-                                      cpu && !gram ? std::optional<Tensor>(residual) : std::nullopt);
+                                      cpu ? std::optional<Tensor>(residual) : std::nullopt);
     aten::mul_(grad_weight, scale);
     aten::mul_(grad_bias, scale);
   }

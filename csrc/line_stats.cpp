@@ -216,8 +216,7 @@ LineScorer<T>::LineScorer(const Tensor& logits, const Tensor& direction, const T
       load_z_(row_loader<T>(logits.scalar_type())),
       load_d_(row_loader<T>(direction.scalar_type())),
       last_derivatives_only_(last_derivatives_only),
-      in_place_(Cp_ == C_ && logits.element_size() == sizeof(T) && direction.element_size() == sizeof(T) &&
-                is_float(logits.scalar_type()) && logits.scalar_type() == direction.scalar_type()) {
+      in_place_(Cp_ == C_ && logits.scalar_type() == direction.scalar_type() && logits.element_size() == sizeof(T)) {
   // Row blocks of ~8k padded elements (a few microseconds of work, well above parallel_for's
   // overhead on the dev box): small heads stay on one thread, large ones spread over all cores.
   rows_per_block_ = std::max<int64_t>(1, std::min<int64_t>(256, 8192 / Cp_));

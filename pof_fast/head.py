@@ -35,7 +35,7 @@ def _write_perturbed(param: Tensor, theta0: Tensor, coef: Tensor, direction: Ten
     head's two fresh temporaries cost more than the arithmetic on the CPU); otherwise through the promoted expression,
     rounded once into ``param``.
     """
-    if param.dtype == theta0.dtype == direction.dtype and param.device == direction.device:
+    if param.dtype == theta0.dtype == direction.dtype:
         torch.mul(direction, coef.to(direction.dtype), out=param)
         param.neg_().add_(theta0)
     else:
