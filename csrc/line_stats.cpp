@@ -229,6 +229,7 @@ void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv
   STD_TORCH_CHECK(k <= kLanes, "pof_fast: at most ", kLanes, " candidates per scorer call, got ", k);
   partial_.assign(static_cast<size_t>(blocks_) * 3 * k, T(0));
   const T pad = T(-1e30);
+  const int first_derivative = last_derivatives_only_ ? k - 1 : 0;
   torch::stable::parallel_for(0, blocks_, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> zbuf(in_place_ ? 0 : Cp_), dbuf(in_place_ ? 0 : Cp_);
     for (int64_t b = b0; b < b1; ++b) {
@@ -249,7 +250,7 @@ void LineScorer<T>::operator()(const T* steps, int k, T* loss, T* slope, T* curv
           z = zbuf.data();
           d = dbuf.data();
         }
-        score_row(z, d, C_, Cp_, z[y], d[y], steps, k, last_derivatives_only_ ? k - 1 : 0, acc);
+        score_row(z, d, C_, Cp_, z[y], d[y], steps, k, first_derivative, acc);
       }
     }
   });
